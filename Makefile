@@ -1,0 +1,43 @@
+# PPU Lab. Two commands on a fresh machine with Python >= 3.10 and pip:
+#   make lab    create .venv if missing, install the lab, start JupyterLab on notebooks/
+#   make test   create .venv if missing, run the whole suite (unit, MPI under mpiexec, notebooks)
+#
+# MPI=system   use an MPI you `module load` instead of the mpich wheel from PyPI
+#              (mpi4py is then built against it: see README, "Using a system MPI").
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+MPI    ?= wheel
+ifeq ($(MPI),system)
+EXTRAS := test
+PIP_MPI := --no-binary mpi4py
+else
+EXTRAS := mpich,test
+PIP_MPI :=
+endif
+STAMP  := $(VENV)/.installed-$(MPI)
+# The venv's bin first, so that its mpiexec (mpich wheel) is the one found.
+RUN    := PATH="$(abspath $(BIN)):$$PATH"
+PYTEST_ARGS ?=
+
+.PHONY: lab test venv clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(PIP_MPI) -e ".[$(EXTRAS)]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+lab: $(STAMP)
+	$(RUN) $(BIN)/jupyter lab notebooks/
+
+test: $(STAMP)
+	$(RUN) PPU_LAB_QUICK=$${PPU_LAB_QUICK:-1} $(BIN)/python -m pytest tests notebooks \
+	    --nbval-lax --nbval-current-env $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
