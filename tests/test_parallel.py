@@ -1,0 +1,60 @@
+"""ppu_lab.parallel: shard splitting (no MPI), collective checks and data-parallel ridge SGD under mpiexec."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from ppu_lab.parallel import RankError, shard_bounds, shard_counts
+
+
+# --------------------------------------------------------------------------- shard_bounds, no MPI
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 10, 11, 100, 101])
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 7])
+def test_shard_bounds_cover_all_rows_once_and_balanced(n, size):
+    bounds = [shard_bounds(n, size, r) for r in range(size)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    for (lo, hi), (lo2, _) in zip(bounds, bounds[1:]):
+        assert hi == lo2  # contiguous, no gap, no overlap
+    sizes = [hi - lo for lo, hi in bounds]
+    assert sum(sizes) == n
+    assert max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)  # the extra rows go to the first ranks
+    assert list(shard_counts(n, size)) == sizes
+
+
+def test_shard_bounds_uneven_example():
+    assert [shard_bounds(10, 3, r) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
+
+
+def test_shard_bounds_more_ranks_than_rows_gives_empty_shards():
+    assert [shard_bounds(2, 4, r) for r in range(4)] == [(0, 1), (1, 2), (2, 2), (2, 2)]
+
+
+@pytest.mark.parametrize("args, word", [((-1, 2, 0), "n"), ((5, 0, 0), "size"), ((5, 2, 2), "rank"),
+                                        ((5.5, 2, 0), "n")])
+def test_shard_bounds_bad_input_names_argument(args, word):
+    with pytest.raises(ValueError, match=word):
+        shard_bounds(*args)
+
+
+def test_rank_error_message_names_ranks():
+    err = RankError({2: "NaN in X", 0: "bad lr"})
+    assert list(err.failures) == [0, 2]
+    assert "rank 0: bad lr" in str(err) and "rank 2: NaN in X" in str(err)
+
+
+# --------------------------------------------------------------------------- primitives under mpiexec
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_check_all_and_allreduce_sum(mpirun, n):
+    proc = mpirun(n, "parallel_primitives.py", timeout=60)
+    assert f"primitives ok on {n} ranks" in proc.stdout
+
+
+def test_mpi_main_aborts_job_when_one_rank_raises(mpirun):
+    start = time.perf_counter()
+    proc = mpirun(3, "parallel_abort.py", 1, timeout=30, check=False)
+    assert proc.returncode != 0
+    assert "rank 1: RuntimeError: injected failure before the barrier" in proc.stderr
+    assert time.perf_counter() - start < 20
