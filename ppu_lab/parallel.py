@@ -15,21 +15,32 @@ mpi4py is imported lazily, so ``shard_bounds`` works without MPI.
 from __future__ import annotations
 
 import sys
+import time
 import traceback
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from ppu_lab import ridge
+from ppu_lab.timing import Timer
 
 
 class RankError(RuntimeError):
     """Raised on every rank when one or more ranks failed a collective check.
 
-    ``failures`` maps each failing rank to its message.
+    ``failures`` maps each failing rank to its message; ``size`` is the number of ranks.
     """
 
-    def __init__(self, failures: dict[int, str]):
+    def __init__(self, failures: dict[int, str], size: int | None = None):
         self.failures = dict(sorted(failures.items()))
-        lines = "; ".join(f"rank {r}: {m}" for r, m in self.failures.items())
-        super().__init__(f"{len(self.failures)} rank(s) failed: {lines}")
+        self.size = size
+        by_message: dict[str, list[int]] = {}
+        for r, m in self.failures.items():
+            by_message.setdefault(m, []).append(r)
+        lines = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {m}"
+                          for m, rs in by_message.items())
+        of = f" of {size}" if size is not None else ""
+        super().__init__(f"{len(self.failures)}{of} rank(s) failed: {lines}")
 
 
 def world(comm=None):
@@ -76,7 +87,7 @@ def check_all(ok: bool, message: str, comm=None) -> None:
     comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.SUM)
     if flag[0]:
         messages = comm.allgather(None if ok else str(message))  # small Python objects: lowercase
-        raise RankError({r: m for r, m in enumerate(messages) if m is not None})
+        raise RankError({r: m for r, m in enumerate(messages) if m is not None}, comm.Get_size())
 
 
 def allreduce_sum(buf: np.ndarray, comm=None) -> None:
@@ -104,3 +115,244 @@ def mpi_main(fn):
         print(f"rank {comm.Get_rank()}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         comm.Abort(1)
+
+
+# =========================================================================== data-parallel ridge SGD
+# The kernels (data_gradient, combine, sgd_step, minibatches) are ridge's, unchanged;
+# only the wrappers below take a ``comm``.
+
+
+class RankInputError(RankError, ValueError):
+    """Bad input found on one or more ranks, raised on every rank (catch it as ValueError)."""
+
+
+@dataclass
+class ParallelSGDResult(ridge.SGDResult):
+    """``ridge.SGDResult`` plus this rank's per-step timings (seconds, one entry per step).
+
+    ``compute``: local gradient, sum of the shard gradients and the update;
+    ``comm``: the collectives (and, for rank 0 of the scatter design, packing the rows it sends),
+    including the time spent waiting for slower ranks.
+    """
+
+    ranks: int = 1
+    design: str = ""
+    compute: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    comm: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def step_times(self) -> dict:
+        """Median seconds per step: ``{"compute": ..., "comm": ..., "total": ...}``."""
+        if self.compute.size == 0:
+            return {"compute": float("nan"), "comm": float("nan"), "total": float("nan")}
+        return {"compute": float(np.median(self.compute)), "comm": float(np.median(self.comm)),
+                "total": float(np.median(self.compute + self.comm))}
+
+
+def _check_collectively(check, comm, error=RankInputError):
+    """Run ``check()`` on every rank; if it raised ValueError anywhere, raise ``error`` on all ranks."""
+    try:
+        value, ok, message = check(), True, ""
+    except Exception as exc:  # noqa: BLE001 - any failure must reach every rank, not hang them
+        value, ok = None, False
+        message = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+    _check_all(ok, message, comm, error)
+    return value
+
+
+def _check_all(ok, message, comm, error):
+    try:
+        check_all(ok, message, comm)
+    except RankError as exc:
+        raise error(exc.failures, exc.size) from None
+
+
+def _setup(X, y, lam, lr, batch_size, epochs, seed, w0, comm, holds_data):
+    """Validate on every rank, agree on the arguments, return (n, d, w, lam, batch_size, epochs).
+
+    ``holds_data``: whether this rank's X and y are used (all ranks for Allreduce, rank 0 for Scatter).
+    Raises ``RankInputError`` (a ValueError) on every rank when any rank's input is bad.
+    """
+    rank, size = comm.Get_rank(), comm.Get_size()
+
+    def local():
+        args = (float(lam), float(lr), int(batch_size), int(epochs), int(seed))
+        if holds_data:
+            Xc, yc = ridge.check_problem(X, y, lam)
+            n, d = Xc.shape
+            ridge.check_sgd_args(n, lr, batch_size, epochs)
+            w = np.zeros(d) if w0 is None else ridge.check_problem(Xc, yc, lam, w0)[2].copy()
+            # A cheap fingerprint: every rank must hold the same data for the designs to agree.
+            key = (n, d, float(Xc.sum()), float(yc.sum()))
+            return Xc, yc, w, key, args
+        return None, None, None, None, args
+
+    Xc, yc, w, key, args = _check_collectively(local, comm)
+    root = comm.bcast((args, key, None if w is None else w), root=0)  # small Python objects
+
+    def agree():
+        names = ("lam", "lr", "batch_size", "epochs", "seed")
+        for name, mine, theirs in zip(names, args, root[0]):
+            if mine != theirs:
+                raise ValueError(f"{name}={mine} differs from rank 0's {name}={theirs}: "
+                                 "pass the same arguments on every rank")
+        if holds_data and key != root[1]:
+            raise ValueError(f"X, y differ from rank 0's (n, d, sum X, sum y) = {root[1]}, here {key}: "
+                             "every rank must hold the same data set (same file or same seed)")
+        if holds_data and not np.array_equal(w, root[2]):
+            raise ValueError("w0 differs from rank 0's: pass the same starting weights on every rank")
+        if int(batch_size) < size:
+            raise ValueError(f"batch_size={batch_size} is smaller than the number of ranks ({size}): "
+                             f"every rank needs at least one row of each minibatch; use batch_size >= {size} "
+                             "or fewer ranks")
+
+    _check_collectively(agree, comm)
+    n, d = root[1][:2]
+    return Xc, yc, root[2].copy(), n, d
+
+
+def _first_failure(ok, message, comm, what):
+    """After a non-finite global gradient: name the ranks whose local part failed, or report divergence."""
+    _check_all(ok, message, comm, RankError)
+    raise ridge.DivergenceError(f"the summed gradient became non-finite at {what} although every rank's "
+                                "shard gradient was finite: SGD is diverging, choose a smaller lr")
+
+
+def _epoch_end(w, J_part, J_ref, lr, lam, epoch, X, comm, history, start):
+    """Objective after an epoch (J_part: this rank's share of 1/2 ||y - Xw||^2), divergence check on all ranks."""
+    buf = np.array([J_part])
+    allreduce_sum(buf, comm)
+    J = float(buf[0]) + 0.5 * lam * float(w @ w)
+    history["epoch"].append(epoch)
+    history["J"].append(J)
+    history["time"].append(time.perf_counter() - start)
+    if np.isfinite(J) and J <= ridge.DIVERGENCE_FACTOR * max(J_ref, 1e-300):
+        return J
+    message = None
+    if comm.Get_rank() == 0:  # only rank 0 surely holds X to explain the step-size bound
+        try:
+            ridge.check_divergence(J, J_ref, lr, X, lam, epoch)
+        except ridge.DivergenceError as exc:
+            message = str(exc)
+    raise ridge.DivergenceError(comm.bcast(message, root=0) or f"SGD diverged at epoch {epoch}: J(w) = {J:.3g}")
+
+
+def _local_gradient(w, Xs, ys):
+    """This rank's shard gradient, or (NaN, message) when it failed: the NaN then reaches every rank."""
+    try:
+        g = ridge.data_gradient(w, Xs, ys)                 # (d,)
+        if np.all(np.isfinite(g)):
+            return g, True, ""
+        return g, False, f"the gradient of this rank's shard ({len(ys)} rows) is not finite"
+    except Exception as exc:  # noqa: BLE001 - reported on every rank through the NaN
+        return np.full(w.shape, np.nan), False, f"{type(exc).__name__}: {exc}"
+
+
+def sgd_allreduce(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, w0=None):
+    """Data-parallel minibatch SGD, the better design: no data movement, one Allreduce per step.
+
+    Every rank holds the whole data set (the same X, y), draws the same global minibatch
+    from the shared ``seed`` (``ridge.minibatches``), takes its contiguous shard by
+    ``shard_bounds`` and computes ``ridge.data_gradient`` on it; one in-place
+    ``Allreduce(SUM)`` of the (d,) shard gradients gives the batch gradient on every rank,
+    which applies the same ``ridge.combine`` and ``ridge.sgd_step``. Same seed, same
+    weights as ``ridge.sgd`` to rounding error, for any number of ranks.
+
+    Collective over ``comm`` (default COMM_WORLD). Bad input on any rank raises
+    ``RankInputError`` (a ValueError naming the rank) on every rank; a failure inside a
+    step turns that rank's gradient into NaN, which the Allreduce carries to all ranks,
+    and every rank then raises ``RankError`` with the failing rank's message.
+    Returns ``ParallelSGDResult`` (explained in notebook 04).
+    """
+    comm = world(comm)
+    rank, size = comm.Get_rank(), comm.Get_size()
+    X, y, w, n, d = _setup(X, y, lam, lr, batch_size, epochs, seed, w0, comm, holds_data=True)
+    lam, batch_size, epochs = float(lam), int(batch_size), int(epochs)
+    lo_j, hi_j = shard_bounds(n, size, rank)               # this rank's rows of the objective
+    J_part = lambda w: 0.5 * float(np.sum((y[lo_j:hi_j] - X[lo_j:hi_j] @ w) ** 2))  # noqa: E731
+    history = {"epoch": [], "J": [], "time": []}
+    start = time.perf_counter()
+    J0 = _epoch_end(w, J_part(w), np.inf, lr, lam, 0, X, comm, history, start)
+    J_ref = max(J0, 0.5 * float(y @ y))
+    timer = Timer()
+    buf = np.empty(d)                                       # (d,) contiguous Allreduce buffer
+    with np.errstate(over="ignore", invalid="ignore"):
+        for epoch in range(1, epochs + 1):
+            for step, idx in enumerate(ridge.minibatches(n, batch_size, seed, epoch)):
+                with timer("compute"):
+                    lo, hi = shard_bounds(len(idx), size, rank)
+                    g, ok, message = _local_gradient(w, X[idx[lo:hi]], y[idx[lo:hi]])
+                    buf[:] = g
+                with timer("comm"):
+                    allreduce_sum(buf, comm)
+                with timer("update"):
+                    if not np.all(np.isfinite(buf)):
+                        _first_failure(ok, message, comm, f"epoch {epoch}, step {step}")
+                    w = ridge.sgd_step(w, ridge.combine(w, buf, lam, n, len(idx)), lr)
+            _epoch_end(w, J_part(w), J_ref, lr, lam, epoch, X, comm, history, start)
+    return _result(w, history, timer, size, "allreduce")
+
+
+def sgd_scatter_allgather(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, w0=None):
+    """Data-parallel minibatch SGD, the course's design: rank 0 scatters each minibatch.
+
+    Rank 0 holds the data (other ranks may pass ``X=None, y=None``), draws the minibatch
+    (``ridge.minibatches``) and ``Scatterv``s its rows, packed as ``[X | y]``, in
+    contiguous shards of sizes ``shard_counts(|B|, p)`` (uneven when p does not divide
+    |B|). Each rank computes ``ridge.data_gradient`` of its shard; ``Allgather`` puts all
+    p shard gradients in a (p, d) buffer on every rank; every rank sums them in rank order,
+    applies ``ridge.combine`` and ``ridge.sgd_step``: the same update everywhere.
+
+    Errors are handled as in ``sgd_allreduce``. Returns ``ParallelSGDResult`` (notebook 04).
+    """
+    from mpi4py import MPI
+
+    comm = world(comm)
+    rank, size = comm.Get_rank(), comm.Get_size()
+    X, y, w, n, d = _setup(X, y, lam, lr, batch_size, epochs, seed, w0, comm, holds_data=rank == 0)
+    lam, batch_size, epochs = float(lam), int(batch_size), int(epochs)
+    XY = np.ascontiguousarray(np.column_stack([X, y])) if rank == 0 else None   # (n, d+1) on rank 0
+    J_part = (lambda w: 0.5 * float(np.sum((y - X @ w) ** 2))) if rank == 0 else (lambda w: 0.0)  # noqa: E731
+    history = {"epoch": [], "J": [], "time": []}
+    start = time.perf_counter()
+    J0 = _epoch_end(w, J_part(w), np.inf, lr, lam, 0, X, comm, history, start)
+    J_ref = comm.bcast(max(J0, 0.5 * float(y @ y)) if rank == 0 else None, root=0)
+    timer = Timer()
+    gathered = np.empty((size, d))                          # (p, d) shard gradients, rank order
+    sizes = {}                                              # batch length -> (counts, displacements)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for epoch in range(1, epochs + 1):
+            # Only rank 0 needs the indices; every rank knows the batch lengths (B, ..., B, rest).
+            batches = ridge.minibatches(n, batch_size, seed, epoch) if rank == 0 else \
+                [range(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
+            for step, idx in enumerate(batches):
+                nb = len(idx)
+                if nb not in sizes:
+                    counts = shard_counts(nb, size) * (d + 1)
+                    sizes[nb] = (counts, np.concatenate([[0], np.cumsum(counts)[:-1]]))
+                counts, displs = sizes[nb]
+                shard = np.empty((counts[rank] // (d + 1), d + 1))   # (rows, d+1)
+                with timer("comm"):
+                    send = [XY[idx], counts, displs, MPI.DOUBLE] if rank == 0 else None
+                    comm.Scatterv(send, shard, root=0)
+                with timer("compute"):
+                    g, ok, message = _local_gradient(w, shard[:, :d], shard[:, d])
+                with timer("comm"):
+                    comm.Allgather(np.ascontiguousarray(g), gathered)
+                with timer("update"):
+                    total = gathered.sum(axis=0)            # same order, same result on every rank
+                    if not np.all(np.isfinite(total)):
+                        _first_failure(ok, message, comm, f"epoch {epoch}, step {step}")
+                    w = ridge.sgd_step(w, ridge.combine(w, total, lam, n, nb), lr)
+            _epoch_end(w, J_part(w), J_ref, lr, lam, epoch, X, comm, history, start)
+    return _result(w, history, timer, size, "scatter_allgather")
+
+
+def _result(w, history, timer, size, design):
+    steps = timer.count("update")
+    comm_laps = np.asarray(timer.laps.get("comm", []), dtype=float)
+    comm_per_step = comm_laps.reshape(steps, -1).sum(axis=1) if steps else np.zeros(0)
+    compute = np.asarray(timer.laps.get("compute", []), dtype=float) + np.asarray(timer.laps.get("update", []))
+    return ParallelSGDResult(w=w, history=history, ranks=size, design=design, compute=compute, comm=comm_per_step)
+
+
+DESIGNS = {"scatter_allgather": sgd_scatter_allgather, "allreduce": sgd_allreduce}

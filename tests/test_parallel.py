@@ -58,3 +58,42 @@ def test_mpi_main_aborts_job_when_one_rank_raises(mpirun):
     assert proc.returncode != 0
     assert "rank 1: RuntimeError: injected failure before the barrier" in proc.stderr
     assert time.perf_counter() - start < 20
+
+
+# --------------------------------------------------------------------------- ridge SGD under mpiexec
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_both_designs_equal_serial_sgd(mpirun, n):
+    """p ranks, global batch 20 (not divisible by 3; last batch of 1 row leaves ranks empty): serial's weights."""
+    proc = mpirun(n, "ridge_exact.py", 301, 7, 20, 3, timeout=90)
+    for design in ("scatter_allgather", "allreduce"):
+        assert f"{design} p={n} n=301 d=7 B=20: max|w_p - w_serial|" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_both_designs_equal_serial_sgd_odd_batch(mpirun, n):
+    """Batch 7 over 2 or 3 ranks: shards of 4+3 or 3+2+2 rows, weighted by the global batch size."""
+    proc = mpirun(n, "ridge_exact.py", 150, 5, 7, 2, timeout=90)
+    assert proc.stdout.count("max|w_p - w_serial|") == 2, proc.stdout
+
+
+@pytest.mark.parametrize("mode, n", [("small_batch", 2), ("small_batch", 3), ("nan_data", 3), ("bad_arg", 2),
+                                     ("nan_step", 2), ("nan_step", 3), ("raise_step", 3)])
+def test_failure_on_one_rank_raises_on_every_rank(mpirun, mode, n):
+    """Bad input or a failing step on one rank: every rank raises (the script asserts it) within seconds."""
+    start = time.perf_counter()
+    proc = mpirun(n, "ridge_errors.py", mode, timeout=60)
+    assert proc.stdout.count("caught ") == 2, proc.stdout
+    assert time.perf_counter() - start < 30
+
+
+@pytest.mark.parametrize("mode, n, text", [
+    ("small_batch", 3, "batch_size=1 is smaller than the number of ranks (3)"),
+    ("raise_step", 3, "rank 1: RuntimeError: injected failure in the shard gradient"),
+    ("nan_step", 2, "rank 1: the gradient of this rank's shard"),
+])
+def test_uncaught_failure_ends_the_job_with_its_message(mpirun, mode, n, text):
+    start = time.perf_counter()
+    proc = mpirun(n, "ridge_errors.py", mode, "uncaught", timeout=30, check=False)
+    assert proc.returncode != 0
+    assert text in proc.stderr, proc.stderr
+    assert time.perf_counter() - start < 20
