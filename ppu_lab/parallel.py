@@ -166,7 +166,7 @@ def _check_all(ok, message, comm, error):
         raise error(exc.failures, exc.size) from None
 
 
-def _setup(X, y, lam, lr, batch_size, epochs, seed, w0, comm, holds_data):
+def _setup(X, y, lam, lr, batch_size, epochs, seed, w0, lr_decay, comm, holds_data):
     """Validate on every rank, agree on the arguments, return (n, d, w, lam, batch_size, epochs).
 
     ``holds_data``: whether this rank's X and y are used (all ranks for Allreduce, rank 0 for Scatter).
@@ -175,11 +175,11 @@ def _setup(X, y, lam, lr, batch_size, epochs, seed, w0, comm, holds_data):
     rank, size = comm.Get_rank(), comm.Get_size()
 
     def local():
-        args = (float(lam), float(lr), int(batch_size), int(epochs), int(seed))
+        args = (float(lam), float(lr), int(batch_size), int(epochs), int(seed), float(lr_decay))
         if holds_data:
             Xc, yc = ridge.check_problem(X, y, lam)
             n, d = Xc.shape
-            ridge.check_sgd_args(n, lr, batch_size, epochs)
+            ridge.check_sgd_args(n, lr, batch_size, epochs, seed=seed, lr_decay=lr_decay)
             w = np.zeros(d) if w0 is None else ridge.check_problem(Xc, yc, lam, w0)[2].copy()
             # A cheap fingerprint: every rank must hold the same data for the designs to agree.
             key = (n, d, float(Xc.sum()), float(yc.sum()))
@@ -190,7 +190,7 @@ def _setup(X, y, lam, lr, batch_size, epochs, seed, w0, comm, holds_data):
     root = comm.bcast((args, key, None if w is None else w), root=0)  # small Python objects
 
     def agree():
-        names = ("lam", "lr", "batch_size", "epochs", "seed")
+        names = ("lam", "lr", "batch_size", "epochs", "seed", "lr_decay")
         for name, mine, theirs in zip(names, args, root[0]):
             if mine != theirs:
                 raise ValueError(f"{name}={mine} differs from rank 0's {name}={theirs}: "
@@ -217,7 +217,7 @@ def _first_failure(ok, message, comm, what):
                                 "shard gradient was finite: SGD is diverging, choose a smaller lr")
 
 
-def _epoch_end(w, J_part, J_ref, lr, lam, epoch, X, comm, history, start):
+def _epoch_end(w, J_part, J_ref, lr, lam, epoch, X, comm, history, start, batch_size):
     """Objective after an epoch (J_part: this rank's share of 1/2 ||y - Xw||^2), divergence check on all ranks."""
     buf = np.array([J_part])
     allreduce_sum(buf, comm)
@@ -230,7 +230,7 @@ def _epoch_end(w, J_part, J_ref, lr, lam, epoch, X, comm, history, start):
     message = None
     if comm.Get_rank() == 0:  # only rank 0 surely holds X to explain the step-size bound
         try:
-            ridge.check_divergence(J, J_ref, lr, X, lam, epoch)
+            ridge.check_divergence(J, J_ref, lr, X, lam, epoch, batch_size=batch_size)
         except ridge.DivergenceError as exc:
             message = str(exc)
     raise ridge.DivergenceError(comm.bcast(message, root=0) or f"SGD diverged at epoch {epoch}: J(w) = {J:.3g}")
@@ -247,7 +247,7 @@ def _local_gradient(w, Xs, ys):
         return np.full(w.shape, np.nan), False, f"{type(exc).__name__}: {exc}"
 
 
-def sgd_allreduce(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, w0=None):
+def sgd_allreduce(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, w0=None, *, lr_decay=0.0):
     """Data-parallel minibatch SGD, the better design: no data movement, one Allreduce per step.
 
     Every rank holds the whole data set (the same X, y), draws the same global minibatch
@@ -265,18 +265,19 @@ def sgd_allreduce(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, w0=None)
     """
     comm = world(comm)
     rank, size = comm.Get_rank(), comm.Get_size()
-    X, y, w, n, d = _setup(X, y, lam, lr, batch_size, epochs, seed, w0, comm, holds_data=True)
+    X, y, w, n, d = _setup(X, y, lam, lr, batch_size, epochs, seed, w0, lr_decay, comm, holds_data=True)
     lam, batch_size, epochs = float(lam), int(batch_size), int(epochs)
     lo_j, hi_j = shard_bounds(n, size, rank)               # this rank's rows of the objective
     J_part = lambda w: 0.5 * float(np.sum((y[lo_j:hi_j] - X[lo_j:hi_j] @ w) ** 2))  # noqa: E731
     history = {"epoch": [], "J": [], "time": []}
     start = time.perf_counter()
-    J0 = _epoch_end(w, J_part(w), np.inf, lr, lam, 0, X, comm, history, start)
+    J0 = _epoch_end(w, J_part(w), np.inf, lr, lam, 0, X, comm, history, start, batch_size)
     J_ref = max(J0, 0.5 * float(y @ y))
     timer = Timer()
     buf = np.empty(d)                                       # (d,) contiguous Allreduce buffer
     with np.errstate(over="ignore", invalid="ignore"):
         for epoch in range(1, epochs + 1):
+            rate = ridge.learning_rate(lr, epoch, lr_decay)
             for step, idx in enumerate(ridge.minibatches(n, batch_size, seed, epoch)):
                 with timer("compute"):
                     lo, hi = shard_bounds(len(idx), size, rank)
@@ -287,12 +288,12 @@ def sgd_allreduce(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, w0=None)
                 with timer("update"):
                     if not np.all(np.isfinite(buf)):
                         _first_failure(ok, message, comm, f"epoch {epoch}, step {step}")
-                    w = ridge.sgd_step(w, ridge.combine(w, buf, lam, n, len(idx)), lr)
-            _epoch_end(w, J_part(w), J_ref, lr, lam, epoch, X, comm, history, start)
+                    w = ridge.sgd_step(w, ridge.combine(w, buf, lam, n, len(idx)), rate)
+            _epoch_end(w, J_part(w), J_ref, lr, lam, epoch, X, comm, history, start, batch_size)
     return _result(w, history, timer, size, "allreduce")
 
 
-def sgd_scatter_allgather(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, w0=None):
+def sgd_scatter_allgather(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, w0=None, *, lr_decay=0.0):
     """Data-parallel minibatch SGD, the course's design: rank 0 scatters each minibatch.
 
     Rank 0 holds the data (other ranks may pass ``X=None, y=None``), draws the minibatch
@@ -308,13 +309,13 @@ def sgd_scatter_allgather(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, 
 
     comm = world(comm)
     rank, size = comm.Get_rank(), comm.Get_size()
-    X, y, w, n, d = _setup(X, y, lam, lr, batch_size, epochs, seed, w0, comm, holds_data=rank == 0)
+    X, y, w, n, d = _setup(X, y, lam, lr, batch_size, epochs, seed, w0, lr_decay, comm, holds_data=rank == 0)
     lam, batch_size, epochs = float(lam), int(batch_size), int(epochs)
     XY = np.ascontiguousarray(np.column_stack([X, y])) if rank == 0 else None   # (n, d+1) on rank 0
     J_part = (lambda w: 0.5 * float(np.sum((y - X @ w) ** 2))) if rank == 0 else (lambda w: 0.0)  # noqa: E731
     history = {"epoch": [], "J": [], "time": []}
     start = time.perf_counter()
-    J0 = _epoch_end(w, J_part(w), np.inf, lr, lam, 0, X, comm, history, start)
+    J0 = _epoch_end(w, J_part(w), np.inf, lr, lam, 0, X, comm, history, start, batch_size)
     J_ref = comm.bcast(max(J0, 0.5 * float(y @ y)) if rank == 0 else None, root=0)
     timer = Timer()
     gathered = np.empty((size, d))                          # (p, d) shard gradients, rank order
@@ -324,6 +325,7 @@ def sgd_scatter_allgather(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, 
             # Only rank 0 needs the indices; every rank knows the batch lengths (B, ..., B, rest).
             batches = ridge.minibatches(n, batch_size, seed, epoch) if rank == 0 else \
                 [range(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
+            rate = ridge.learning_rate(lr, epoch, lr_decay)
             for step, idx in enumerate(batches):
                 nb = len(idx)
                 if nb not in sizes:
@@ -342,8 +344,8 @@ def sgd_scatter_allgather(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, 
                     total = gathered.sum(axis=0)            # same order, same result on every rank
                     if not np.all(np.isfinite(total)):
                         _first_failure(ok, message, comm, f"epoch {epoch}, step {step}")
-                    w = ridge.sgd_step(w, ridge.combine(w, total, lam, n, nb), lr)
-            _epoch_end(w, J_part(w), J_ref, lr, lam, epoch, X, comm, history, start)
+                    w = ridge.sgd_step(w, ridge.combine(w, total, lam, n, nb), rate)
+            _epoch_end(w, J_part(w), J_ref, lr, lam, epoch, X, comm, history, start, batch_size)
     return _result(w, history, timer, size, "scatter_allgather")
 
 
