@@ -68,3 +68,40 @@ def convergence(history: Sequence[float], optimum: float | None = None, ax=None,
         ax.legend()
     ax.grid(alpha=0.3)
     return ax
+
+
+# --------------------------------------------------------------------------- MPI scaling (notebook 04)
+def step_breakdown(workers: Sequence[float], compute: Sequence[float], comm: Sequence[float], ax=None,
+                   label: str = "", offset: float = 0.0, width: float = 0.38, xlabel: str = "MPI ranks", **style):
+    """Time per step (given in seconds, drawn in ms) as stacked bars: compute below, communication on top.
+
+    Call once per design with different ``offset`` (e.g. -0.2 and +0.2) to set designs side by side.
+    """
+    ax = _ax(ax)
+    x = np.asarray(workers, dtype=float) + offset
+    compute_ms = 1e3 * np.asarray(compute, dtype=float)
+    comm_ms = 1e3 * np.asarray(comm, dtype=float)
+    prefix = f"{label}: " if label else ""
+    bars = ax.bar(x, compute_ms, width, label=f"{prefix}compute", **style)
+    ax.bar(x, comm_ms, width, bottom=compute_ms, label=f"{prefix}communication", hatch="//",
+           color=bars.patches[0].get_facecolor() if bars.patches else None, alpha=0.45, **style)
+    ax.set_xticks(np.asarray(workers, dtype=float))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("time per step (ms)")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    return ax
+
+
+def amdahl(workers: Sequence[float], serial_fraction: float, ax=None, label: str | None = None, **style):
+    """Amdahl's law S(p) = 1 / (f + (1 - f) / p) for a serial fraction f, as a line (beside a measured speedup)."""
+    ax = _ax(ax)
+    p = np.asarray(workers, dtype=float)
+    f = float(serial_fraction)
+    style.setdefault("ls", ":")
+    ax.plot(p, 1.0 / (f + (1.0 - f) / p), label=label or f"Amdahl, serial fraction {f:.2f}", **style)
+    ax.set_xlabel(ax.get_xlabel() or "workers")
+    ax.set_ylabel(ax.get_ylabel() or "speedup T(1) / T(p)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return ax
