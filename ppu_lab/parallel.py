@@ -8,6 +8,10 @@ Generic primitives (also used by the MNIST models, notebooks 05-07):
 - ``allreduce_sum(buf, comm)``     in-place ``Allreduce(SUM)`` on a contiguous NumPy buffer
 - ``mpi_main(fn)``                 for scripts under ``mpiexec``: an uncaught exception aborts the job
 
+Ridge SGD on p ranks, equal to ``ridge.sgd`` to rounding error: ``sgd_scatter_allgather``
+(the course's design) and ``sgd_allreduce`` (no data movement, one Allreduce per step);
+``time_steps``, ``first_ranks`` and ``amdahl_fit`` for the scaling study of notebook 04.
+
 Every function that takes ``comm`` is collective: all ranks of ``comm`` must call it.
 mpi4py is imported lazily, so ``shard_bounds`` works without MPI.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -358,3 +363,70 @@ def _result(w, history, timer, size, design):
 
 
 DESIGNS = {"scatter_allgather": sgd_scatter_allgather, "allreduce": sgd_allreduce}
+
+
+# =========================================================================== scaling runs (notebook 04)
+@contextmanager
+def first_ranks(p: int, comm=None):
+    """Context: a communicator of the first ``p`` ranks of ``comm`` (``None`` on the others).
+
+    Collective over ``comm`` (``comm.Split``): one cluster of the largest size serves
+    runs on 1, 2, ... ranks without restarting engines. The sub-communicator is freed on exit.
+    """
+    from mpi4py import MPI
+
+    comm = world(comm)
+    size = comm.Get_size()
+    ok = isinstance(p, (int, np.integer)) and not isinstance(p, bool) and 1 <= p <= size
+    check_all(ok, f"p (number of ranks to use) must be an integer in [1, {size}]; got {p!r}", comm)
+    sub = comm.Split(0 if comm.Get_rank() < p else MPI.UNDEFINED, comm.Get_rank())
+    try:
+        yield None if sub == MPI.COMM_NULL else sub
+    finally:
+        if sub != MPI.COMM_NULL:
+            sub.Free()
+
+
+def time_steps(design: str, p: int, X, y, lam, lr, batch_size, epochs, seed=0, comm=None) -> dict | None:
+    """Run ``DESIGNS[design]`` on the first ``p`` ranks of ``comm``; the others wait at the end.
+
+    Collective over ``comm``. Returns, on the ranks that took part, a dict with ``design``,
+    ``ranks``, the final ``w`` and this rank's median seconds per step ``compute``, ``comm``
+    and ``total`` (see ``ParallelSGDResult.step_times``); ``None`` on the other ranks.
+    """
+    if design not in DESIGNS:
+        raise ValueError(f"design must be one of {list(DESIGNS)}; got {design!r}")
+    comm = world(comm)
+    out = None
+    with first_ranks(p, comm) as sub:
+        if sub is not None:
+            res = DESIGNS[design](X, y, lam, lr, batch_size, epochs, seed=seed, comm=sub)
+            out = {"design": design, "ranks": p, "w": res.w, **res.step_times()}
+    comm.Barrier()  # the idle ranks wait here, so that the next run starts together
+    return out
+
+
+def amdahl_speedup(p, serial_fraction: float):
+    """Amdahl's law: S(p) = 1 / (f + (1 - f) / p) for a serial fraction f."""
+    p = np.asarray(p, dtype=float)
+    return 1.0 / (serial_fraction + (1.0 - serial_fraction) / p)
+
+
+def amdahl_fit(workers, times) -> float:
+    """Serial fraction f of Amdahl's law fitted (least squares) to measured times T(p).
+
+    T(p) / T(1) = f + (1 - f) / p is linear in f: with a = 1 - 1/p and b = T(p)/T(1) - 1/p,
+    f = sum(a b) / sum(a a) over the runs with p > 1, clipped to [0, 1].
+    """
+    workers = np.asarray(workers, dtype=float)
+    times = np.asarray(times, dtype=float)
+    if workers.shape != times.shape or workers.ndim != 1:
+        raise ValueError("workers and times must be 1-D sequences of the same length")
+    if not np.any(workers == 1):
+        raise ValueError("amdahl_fit needs the time on 1 worker (workers must contain 1)")
+    if not np.any(workers > 1):
+        raise ValueError("amdahl_fit needs at least one time on more than 1 worker")
+    t1 = times[workers == 1].mean()
+    a = 1.0 - 1.0 / workers[workers > 1]
+    b = times[workers > 1] / t1 - 1.0 / workers[workers > 1]
+    return float(np.clip(a @ b / (a @ a), 0.0, 1.0))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
-from ppu_lab.parallel import RankError, shard_bounds, shard_counts
+from ppu_lab.parallel import RankError, amdahl_fit, amdahl_speedup, shard_bounds, shard_counts
 
 
 # --------------------------------------------------------------------------- shard_bounds, no MPI
@@ -43,6 +44,26 @@ def test_rank_error_message_names_ranks():
     err = RankError({2: "NaN in X", 0: "bad lr"})
     assert list(err.failures) == [0, 2]
     assert "rank 0: bad lr" in str(err) and "rank 2: NaN in X" in str(err)
+
+
+# --------------------------------------------------------------------------- Amdahl's law, no MPI
+@pytest.mark.parametrize("f", [0.0, 0.05, 0.3, 1.0])
+def test_amdahl_fit_recovers_the_serial_fraction(f):
+    p = np.array([1, 2, 3, 4, 8])
+    times = 2.0 / amdahl_speedup(p, f)  # T(p) = T(1) / S(p) with T(1) = 2 s
+    assert amdahl_fit(p, times) == pytest.approx(f, abs=1e-12)
+
+
+def test_amdahl_speedup_limits():
+    assert amdahl_speedup(1, 0.3) == pytest.approx(1.0)
+    assert amdahl_speedup(1e12, 0.25) == pytest.approx(4.0)  # 1 / f
+
+
+def test_amdahl_fit_needs_one_and_more_workers():
+    with pytest.raises(ValueError, match="1 worker"):
+        amdahl_fit([2, 4], [1.0, 0.6])
+    with pytest.raises(ValueError, match="more than 1"):
+        amdahl_fit([1], [1.0])
 
 
 # --------------------------------------------------------------------------- primitives under mpiexec
@@ -97,3 +118,10 @@ def test_uncaught_failure_ends_the_job_with_its_message(mpirun, mode, n, text):
     assert proc.returncode != 0
     assert text in proc.stderr, proc.stderr
     assert time.perf_counter() - start < 20
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_time_steps_on_first_ranks_equals_serial(mpirun, n):
+    """One job of n ranks runs both designs on its first 1..n ranks (comm.Split): serial's weights each time."""
+    proc = mpirun(n, "parallel_scaling.py", timeout=90)
+    assert proc.stdout.count("max|w_p - w_serial|") == 2 * n, proc.stdout
