@@ -64,11 +64,11 @@ _INSTALL_HINT = (
 )
 
 _RANK_PROBE = (
-    "import sys\n"
+    "import os\n"
     "from mpi4py import MPI\n"
     "c = MPI.COMM_WORLD\n"
-    "lib = MPI.Get_library_version().strip().splitlines()[0]\n"
-    "print('PPU_RANK', c.Get_rank(), c.Get_size(), lib, flush=True)\n"
+    "lib = ' '.join(MPI.Get_library_version().strip().splitlines()[0].split())\n"
+    "os.write(1, f'PPU_RANK {c.Get_rank()} {c.Get_size()} {lib}\\n'.encode())\n"
 )
 
 _cache: dict = {}
@@ -116,7 +116,9 @@ def _mpi_flavor(mpiexec: str) -> tuple[str, str]:
             flavor = "MPICH"
         else:
             flavor = "unknown"
-        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "version" in ln.lower()), lines[0] if lines else "")
+        first = " ".join(first.split())
         _cache[key] = (flavor, first)
     return _cache[key]
 
@@ -427,15 +429,25 @@ class MPICluster:
             self._watchdog.wait()
             self._watchdog = None
 
+    @staticmethod
+    def _exit_code(launcher):
+        """Exit code of a launcher's process (mpiexec), or None while it runs."""
+        popen = getattr(launcher, "_popen_process", None)
+        if popen is not None:
+            return popen.poll()
+        if getattr(launcher, "state", "running") == "after":
+            return (getattr(launcher, "stop_data", None) or {}).get("exit_code", "?")
+        return None
+
     def _wait_for_engines(self) -> None:
         deadline = time.monotonic() + self.timeout
         es = self._engine_set()
         while len(self.client.ids) < self.n:
-            if es is not None and getattr(es, "state", "running") == "after":
-                stop = getattr(es, "stop_data", None) or {}
+            code = self._exit_code(es)
+            if code is not None:
                 raise ClusterError(
-                    f"The MPI engines exited before registering (mpiexec exit code "
-                    f"{stop.get('exit_code')}); {len(self.client.ids)} of {self.n} registered.\n"
+                    f"The MPI engines exited before registering (mpiexec exit code {code}); "
+                    f"{len(self.client.ids)} of {self.n} registered.\n"
                     f"--- engine output\n{self._engine_output()}"
                 )
             if time.monotonic() > deadline:
@@ -482,11 +494,13 @@ class MPICluster:
                 self.client.close()
         except Exception:  # noqa: BLE001
             pass
+        # Engines stuck in a collective ignore polite shutdown requests: signal the whole process
+        # tree ourselves (fast), then let ipyparallel tidy its bookkeeping.
+        _kill_all(procs)
         try:
             self.cluster.stop_cluster_sync()
-        except Exception:  # noqa: BLE001 - we kill below anyway
+        except Exception:  # noqa: BLE001 - the processes are gone already
             pass
-        _kill_all(procs)
         self._stop_watchdog()
         if self._profile_dir:
             shutil.rmtree(self._profile_dir, ignore_errors=True)

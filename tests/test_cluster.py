@@ -1,0 +1,228 @@
+"""ppu_lab.cluster: MPI engines start in rank order, fail with clear messages and leave nothing behind.
+
+Each cluster start costs several seconds, so the tests that start one check several things.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+import ppu_lab.cluster as cluster
+from ppu_lab.cluster import ClusterError, MPICluster, OversubscribeWarning, preflight
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    cluster._cache.clear()
+    yield
+    cluster._cache.clear()
+
+
+def _alive(pids):
+    """The pids that still run (zombies count as gone)."""
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _cluster_pids(cl):
+    return [p.pid for p in cluster._tree(cl._pids)]
+
+
+def _by_cluster_id(cluster_id):
+    """Processes whose command line names this ipyparallel cluster (mpiexec, engines, controller)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if cluster_id in cmd and "pytest" not in cmd:
+            found.append((p.pid, cmd[:120]))
+    return found
+
+
+def _rank_and_double(x):
+    from mpi4py import MPI
+
+    rank = MPI.COMM_WORLD.Get_rank()
+    return rank, 2 * x + rank
+
+
+def _mismatched_collective():
+    import numpy as np
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    if comm.Get_rank() == 0:
+        comm.Bcast(np.zeros(4), root=0)  # rank 1 never joins this Bcast
+    else:
+        comm.Barrier()
+    return "never"
+
+
+# Engines cannot import this test module: send these functions by value.
+_rank_and_double.__module__ = _mismatched_collective.__module__ = "__main__"
+
+
+def test_ranks_ordered_and_nothing_left_after_exception():
+    pids, cluster_id = [], None
+    with pytest.raises(ZeroDivisionError):
+        with MPICluster(n=2) as cl:
+            cluster_id = cl.cluster.cluster_id
+            pids = _cluster_pids(cl)
+            assert cl.ranks == [0, 1] and cl.size == 2
+            # the view is ordered by MPI rank: rank r is at position r
+            assert cl.view.pull("rank") == [0, 1]
+            assert cl.apply(_rank_and_double, 10) == [(0, 20), (1, 21)]
+            # an engine-id-ordered view may differ; ours is built from the ranks
+            assert [cl.client[e].apply_sync(_rank_and_double, 0)[0] for e in cl.engine_ids] == [0, 1]
+            1 / 0
+    assert not cl.running
+    assert len(pids) >= 4  # controller, mpiexec, 2 engines (+ proxies, nannies)
+    assert _alive(pids) == []
+    assert _by_cluster_id(cluster_id) == []
+
+
+def test_hung_collective_recovers_with_restart_and_stop_is_idempotent():
+    cl = MPICluster(n=2)
+    cl.start()
+    try:
+        before = _cluster_pids(cl)
+        ar = cl.view.apply_async(_mismatched_collective)
+        with pytest.raises(TimeoutError):
+            ar.get(timeout=2)
+        cl.restart()
+        assert _alive(before) == []
+        assert cl.apply(_rank_and_double, 1) == [(0, 2), (1, 3)]
+        after = _cluster_pids(cl)
+    finally:
+        cl.stop()
+    cl.stop()  # idempotent
+    assert _alive(after) == []
+    with pytest.raises(ClusterError, match="not running"):
+        cl.apply(_rank_and_double, 1)
+
+
+def test_killed_parent_leaves_nothing(tmp_path):
+    """A notebook kernel killed with SIGKILL runs no atexit: the watchdog cleans up."""
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys
+        import ppu_lab.cluster as cluster
+        cl = cluster.MPICluster(n=2).start()
+        print("PIDS", *[p.pid for p in cluster._tree(cl._pids)], flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PIDS")), None)
+    assert line, f"cluster did not start:\n{proc.stdout}\n{proc.stderr}"
+    pids = [int(p) for p in line.split()[1:]]
+    deadline = time.monotonic() + 15
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _alive(pids) == []
+
+
+def test_engines_that_never_register_time_out_with_their_output():
+    stuck = [sys.executable, "-c", "import time; print('ENGINE-STUCK-HERE', flush=True); time.sleep(120)"]
+    cl = MPICluster(n=2, timeout=4, engine_cmd=stuck)
+    with pytest.raises(ClusterError, match=r"(?s)0 of 2 MPI engines registered within 4 s.*ENGINE-STUCK-HERE"):
+        cl.start()
+    assert not cl.running
+
+
+def test_engines_that_crash_report_their_output():
+    crash = [sys.executable, "-c", "import sys; print('ENGINE-CRASHED: bad flag', flush=True); sys.exit(3)"]
+    cl = MPICluster(n=2, timeout=60, engine_cmd=crash)
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError, match=r"(?s)exited before registering.*ENGINE-CRASHED"):
+        cl.start()
+    assert time.monotonic() - t0 < 30  # reported when mpiexec exits, not after the timeout
+
+
+# ----------------------------------------------------------------------------- preflight
+
+
+def _fake_mpiexec(folder, body):
+    exe = folder / "mpiexec"
+    exe.write_text("#!/bin/sh\n" + body)
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return exe
+
+
+def test_preflight_names_the_missing_mpiexec(tmp_path, monkeypatch):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.delenv("PPU_LAB_MPIEXEC", raising=False)
+    monkeypatch.setattr(cluster, "_python_bin_dir", lambda: empty)
+    with pytest.raises(ClusterError, match=r"mpiexec` is not on PATH.*pip install mpich.*PPU_LAB_MPIEXEC"):
+        preflight(2)
+    with pytest.raises(ClusterError, match="No MPI launcher"):
+        MPICluster(n=2).start()
+
+
+def test_preflight_detects_mpiexec_of_another_mpi(tmp_path):
+    # An mpiexec from another MPI library starts n unrelated singletons: each is rank 0 of 1.
+    fake = _fake_mpiexec(tmp_path, textwrap.dedent("""\
+        if [ "$1" = "--version" ]; then echo "mpiexec (OpenRTE) 4.1.2"; exit 0; fi
+        n=$2; shift 2
+        i=0; while [ $i -lt $n ]; do env -u PMI_RANK -u PMI_SIZE "$@" & i=$((i+1)); done; wait
+    """))
+    with pytest.raises(ClusterError, match=r"(?s)different MPI libraries.*rank 0 of 1, rank 0 of 1.*Open MPI"):
+        preflight(2, mpiexec=str(fake))
+
+
+def test_preflight_open_mpi_as_root_sets_allow_variables(tmp_path, monkeypatch):
+    fake = _fake_mpiexec(tmp_path, 'echo "mpiexec (Open MPI) 5.0.3"\n')
+    for var in ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"):
+        monkeypatch.setenv(var, "x")  # so that monkeypatch restores the original state afterwards
+        monkeypatch.delenv(var)
+    monkeypatch.setattr(cluster, "_is_root", lambda: False)
+    info = preflight(1, mpiexec=str(fake), check_ranks=False)
+    assert info["env"] == {} and "OMPI_ALLOW_RUN_AS_ROOT" not in os.environ
+    monkeypatch.setattr(cluster, "_is_root", lambda: True)
+    with pytest.warns(UserWarning, match="root"):
+        info = preflight(1, mpiexec=str(fake), check_ranks=False)
+    assert info["mpi_flavor"] == "Open MPI"
+    assert os.environ["OMPI_ALLOW_RUN_AS_ROOT"] == os.environ["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
+
+
+def test_preflight_warns_when_oversubscribed(tmp_path, monkeypatch):
+    monkeypatch.setattr(cluster, "_is_root", lambda: False)
+    cores = cluster._cores()
+    info = preflight(cores)  # real mpiexec; runs the rank check
+    assert info["warnings"] == [] and info["mpi4py_library"]
+    with pytest.warns(OversubscribeWarning, match="meaningless"):
+        info = preflight(cores + 1)
+    assert info["n"] == cores + 1
+    fake = _fake_mpiexec(tmp_path, 'echo "mpiexec (Open MPI) 5.0.3"\n')
+    with pytest.warns(OversubscribeWarning):
+        assert "--oversubscribe" in preflight(cores + 1, mpiexec=str(fake), check_ranks=False)["mpi_args"]
+
+
+def test_bad_arguments_raise_value_error():
+    with pytest.raises(ValueError, match="n .number of MPI engines"):
+        MPICluster(n=0)
+    with pytest.raises(ValueError, match="launcher"):
+        MPICluster(n=2, launcher="slurmish")
+    with pytest.raises(ValueError, match="timeout"):
+        MPICluster(n=2, timeout=0)
+
+
+def test_preflight_is_cached():
+    preflight(2)
+    t0 = time.perf_counter()
+    preflight(2)
+    assert time.perf_counter() - t0 < 0.05
