@@ -58,7 +58,8 @@ def convergence(history: Sequence[float], optimum: float | None = None, ax=None,
     values = np.asarray(history, dtype=float)
     xs = np.arange(len(values)) if x is None else np.asarray(x, dtype=float)
     if optimum is not None:
-        values = np.maximum(values - optimum, np.finfo(float).tiny)
+        # J - J* below rounding of J* (J reached J*) is drawn at that level, not at 1e-308.
+        values = np.maximum(values - optimum, np.finfo(float).eps * max(abs(optimum), np.finfo(float).tiny))
         ax.set_yscale("log")
         ylabel = ylabel or "J(w) - J(w*)"
     ax.plot(xs, values, label=label, **style)
@@ -103,5 +104,23 @@ def amdahl(workers: Sequence[float], serial_fraction: float, ax=None, label: str
     ax.set_xlabel(ax.get_xlabel() or "workers")
     ax.set_ylabel(ax.get_ylabel() or "speedup T(1) / T(p)")
     ax.legend()
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def sweep(x: Sequence[float], values: Sequence[float], xlabel: str, ylabel: str, ax=None,
+          label: str | None = None, logx: bool = False, logy: bool = False, **style):
+    """A measured quantity against a swept parameter (batch size, lambda, step h), markers and line."""
+    ax = _ax(ax)
+    style.setdefault("marker", "o")
+    ax.plot(np.asarray(x, dtype=float), np.asarray(values, dtype=float), label=label, **style)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if label is not None:
+        ax.legend()
     ax.grid(alpha=0.3)
     return ax
