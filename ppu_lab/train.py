@@ -106,16 +106,18 @@ def _check_args(model, data, lr, batch_size, batch_mode, epochs, design, max_ste
     return global_batch
 
 
-def _threads(n, stack):
+def _threads(n, stack, model):
     """Limit torch and BLAS to ``n`` threads for the duration of training (restored afterwards)."""
     if n is None:
         return
-    import torch
     from threadpoolctl import threadpool_limits
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    stack.callback(torch.set_num_threads, old)
+    if model == "cnn" or "torch" in sys.modules:  # the ANN does not need torch: do not import it
+        import torch
+
+        old = torch.get_num_threads()
+        torch.set_num_threads(int(n))
+        stack.callback(torch.set_num_threads, old)
     stack.enter_context(threadpool_limits(int(n)))
 
 
@@ -157,7 +159,7 @@ def train(model="ann", data=None, *, hidden=50, lam=5.0, lr=None, batch_size=100
                   f"ranks were given different data (train/test sizes per rank: {all_sizes}); "
                   f"every rank must load the same data set", comm)
     with ExitStack() as stack:
-        _threads(1 if threads == "auto" else threads, stack)
+        _threads(1 if threads == "auto" else threads, stack, model)
         return _train(model, data, hidden, lam, lr, int(batch_size), batch_mode, global_batch, int(epochs),
                       design, seed, comm, rank, size, progress, max_steps, activation, evaluate)
 
@@ -210,10 +212,7 @@ def _train(model_name, data, hidden, lam, lr, batch_size, batch_mode, global_bat
                 b = len(idx)
                 batch_loss = float(grad[-1])
                 if not math.isfinite(batch_loss) or batch_loss / b > DIVERGENCE_LOSS:
-                    raise DivergenceError(
-                        f"training diverged at epoch {epoch}, step {step + 1}, on {size} rank(s): the batch's "
-                        f"mean loss became {batch_loss / b:.3g} (lr={lr:g}, global batch {b}). "
-                        f"Lower lr (e.g. {lr / 4:g}) and retrain.")
+                    raise _diverged(batch_loss / b, local_loss, epoch, step + 1, size, rank, lr, b)
                 np.multiply(theta, decay, out=theta)  # theta *= 1 - lr*lam/N*mask
                 np.multiply(gsum, lr / b, out=step_buf)
                 theta -= step_buf  # theta -= lr/|B| * sum grad
@@ -246,6 +245,19 @@ def _train(model_name, data, hidden, lam, lr, batch_size, batch_mode, global_bat
               "epochs": epochs, "design": design, "seed": seed, "ranks": size, "n_train": n,
               "n_test": len(y_te), "activation": activation if model_name == "ann" else None}
     return TrainResult(params=np.array(theta, copy=True), history=history, step_times=times, config=config)
+
+
+def _diverged(mean_loss, local_loss, epoch, step, size, rank, lr, b):
+    """The error every rank raises in the same step (all saw the same summed loss)."""
+    where = f"epoch {epoch}, step {step}, on {size} rank(s)"
+    mine = "" if size == 1 else f" This rank's ({rank}) own shard loss was {local_loss:.3g}."
+    if not math.isfinite(mean_loss):
+        return DivergenceError(
+            f"training stopped at {where}: the batch's loss is {mean_loss} (NaN or inf).{mine} Check the "
+            f"input data for NaN/inf; if the data are clean, lr={lr:g} is too large: lower it (e.g. {lr / 4:g}).")
+    return DivergenceError(
+        f"training diverged at {where}: the batch's mean loss became {mean_loss:.3g} (> {DIVERGENCE_LOSS:g}; "
+        f"guessing gives 2.3) with lr={lr:g} and global batch {b}.{mine} Lower lr (e.g. {lr / 4:g}) and retrain.")
 
 
 # --------------------------------------------------------------------------- communication designs
