@@ -124,3 +124,108 @@ def sweep(x: Sequence[float], values: Sequence[float], xlabel: str, ylabel: str,
         ax.legend()
     ax.grid(alpha=0.3)
     return ax
+
+
+# --------------------------------------------------------------------------- the course's figures (notebook 07)
+# Each reads saved experiment results: a path to a JSON-lines file of ``ppu_lab.experiments`` or
+# its records (``load_results``). Repeated runs of one configuration are drawn as their median.
+NODES = "number of nodes (MPI ranks)"
+_METRICS = {"epoch_time": ("average time per iteration = one epoch (s)", 1.0),
+            "median_step_time": ("median time per SGD step (ms)", 1e3),
+            "final_accuracy": ("recognition accuracy on the test set (%)", 100.0)}
+
+
+def _select(results, model=None, batch_mode=None):
+    """(records of one model and batch mode, model, batch_mode); asks for a choice when ambiguous."""
+    import os
+
+    if isinstance(results, (str, os.PathLike)):
+        from ppu_lab.experiments import load_results
+
+        results = load_results(results)
+    records = list(results)
+    if not records:
+        raise ValueError("results: no records to plot; run `python -m ppu_lab.experiments run` first")
+    for name, value, field_ in (("model", model, "label"), ("batch_mode", batch_mode, "batch_mode")):
+        values = sorted({r[field_] for r in records})
+        if value is None and len(values) > 1:
+            raise ValueError(f"{name}: the results hold several ({', '.join(values)}); pass {name}=... to choose one")
+        value = values[0] if value is None else value
+        if value not in values:
+            raise ValueError(f"{name}={value!r} is not in the results, which hold {values}")
+        records = [r for r in records if r[field_] == value]
+        model, batch_mode = (value, batch_mode) if name == "model" else (model, value)
+    return records, model, batch_mode
+
+
+def results_series(results, x, y, group, model=None, batch_mode=None):
+    """``{group value: (xs, ys)}``: ``y`` against ``x`` for each value of ``group``, sorted by x.
+
+    The median is taken over repeated runs of one point. Used by the figures below; the tests
+    compare the drawn lines with it.
+    """
+    records, _, _ = _select(results, model, batch_mode)
+    points: dict = {}
+    for r in records:
+        points.setdefault(r[group], {}).setdefault(r[x], []).append(float(r[y]))
+    return {g: (np.array(sorted(pts)), np.array([np.median(pts[k]) for k in sorted(pts)]))
+            for g, pts in sorted(points.items())}
+
+
+def _course_figure(results, ax, x, group, metric, model, batch_mode, xlabel, legend, **style):
+    ax = _ax(ax)
+    results, model, batch_mode = _select(results, model, batch_mode)
+    ylabel, scale = _METRICS[metric]
+    for g, (xs, ys) in results_series(results, x, metric, group, model, batch_mode).items():
+        ax.plot(xs, ys * scale, "o-", label=legend.format(g), **style)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{model}, {batch_mode.replace('_', '-')} batch")
+    if x == "ranks":
+        ax.set_xticks(sorted({int(v) for line in ax.get_lines() for v in line.get_xdata()}))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def iteration_time_vs_nodes(results, ax=None, model=None, batch_mode=None, metric="epoch_time", **style):
+    """The course's figure: average time per iteration (epoch) against the number of nodes, one line per batch size."""
+    return _course_figure(results, ax, "ranks", "batch_size", metric, model, batch_mode, NODES, "batch {}", **style)
+
+
+def iteration_time_vs_batch(results, ax=None, model=None, batch_mode=None, metric="epoch_time", **style):
+    """The course's figure: average time per iteration (epoch) against the batch size, one line per node count."""
+    return _course_figure(results, ax, "batch_size", "ranks", metric, model, batch_mode, "batch size",
+                          "{} node(s)", **style)
+
+
+def accuracy_vs_batch(results, ax=None, model=None, batch_mode=None, **style):
+    """The course's figure: recognition accuracy (%) against the batch size, one line per node count."""
+    return _course_figure(results, ax, "batch_size", "ranks", "final_accuracy", model, batch_mode, "batch size",
+                          "{} node(s)", **style)
+
+
+def accuracy_vs_nodes(results, ax=None, model=None, batch_mode=None, **style):
+    """The course's figure: recognition accuracy (%) against the number of nodes, one line per batch size."""
+    return _course_figure(results, ax, "ranks", "batch_size", "final_accuracy", model, batch_mode, NODES,
+                          "batch {}", **style)
+
+
+def speedup_vs_nodes(results, ax=None, model=None, batch_mode=None, metric="epoch_time", **style):
+    """Speedup T(1)/T(p) of the time per iteration against the nodes, one line per batch size, with the ideal."""
+    ax = _ax(ax)
+    results, model, batch_mode = _select(results, model, batch_mode)
+    for b, (ranks, times) in results_series(results, "ranks", metric, "batch_size", model, batch_mode).items():
+        speedup(ranks, times, ax=ax, label=f"batch {b}", xlabel=NODES, **style)
+    ax.set_title(f"{model}, {batch_mode.replace('_', '-')} batch")
+    return ax
+
+
+def efficiency_vs_nodes(results, ax=None, model=None, batch_mode=None, metric="epoch_time", **style):
+    """Parallel efficiency T(1)/(p T(p)) against the nodes, one line per batch size, with the ideal 1."""
+    ax = _ax(ax)
+    results, model, batch_mode = _select(results, model, batch_mode)
+    for b, (ranks, times) in results_series(results, "ranks", metric, "batch_size", model, batch_mode).items():
+        efficiency(ranks, times, ax=ax, label=f"batch {b}", xlabel=NODES, **style)
+    ax.set_title(f"{model}, {batch_mode.replace('_', '-')} batch")
+    return ax
