@@ -402,8 +402,20 @@ def time_steps(design: str, p: int, X, y, lam, lr, batch_size, epochs, seed=0, c
         if sub is not None:
             res = DESIGNS[design](X, y, lam, lr, batch_size, epochs, seed=seed, comm=sub)
             out = {"design": design, "ranks": p, "w": res.w, **res.step_times()}
-    comm.Barrier()  # the idle ranks wait here, so that the next run starts together
+    sleeping_barrier(comm)  # the idle ranks wait here, without taking a core from the busy ones
     return out
+
+
+def sleeping_barrier(comm=None, poll: float = 1e-3) -> None:
+    """A barrier that sleeps while it waits (``Ibarrier`` + ``Test``), unlike ``comm.Barrier``.
+
+    MPI implementations wait by spinning: ranks idle in ``Barrier`` would use the cores that the
+    working ranks need (on a laptop with fewer cores than engines, they halve the speed of a
+    2-rank run).
+    """
+    request = world(comm).Ibarrier()
+    while not request.Test():
+        time.sleep(poll)
 
 
 def amdahl_speedup(p, serial_fraction: float):
