@@ -24,6 +24,8 @@ Backends: ``launcher="local"`` (this machine, ``mpiexec``) is the only one here.
 backend (e.g. Slurm) subclasses :class:`MPICluster` and overrides :meth:`_engine_launch`
 (which engine launcher class and keyword arguments ipyparallel gets) and, if it needs
 other checks, :meth:`_preflight`; then registers itself in ``LAUNCHERS``.
+``launcher="slurm"`` is :class:`ppu_lab.slurm.SlurmMPICluster` (engines in one Slurm job);
+``MPICluster(n, launcher="slurm", partition=...)`` returns one.
 """
 
 from __future__ import annotations
@@ -316,6 +318,14 @@ class MPICluster:
     mpiexec : path of ``mpiexec`` (default: see :func:`find_mpiexec`).
     engine_cmd : command that starts one engine (advanced; default ``python -m ipyparallel.engine``).
     """
+
+    def __new__(cls, *args, launcher: str = "local", **kwargs):
+        # MPICluster(n, launcher="slurm", partition=...) builds the registered backend's subclass.
+        if cls is MPICluster and launcher == "slurm":
+            import ppu_lab.slurm  # noqa: F401 - registers LAUNCHERS["slurm"]
+        if cls is MPICluster and LAUNCHERS.get(launcher, MPICluster) is not MPICluster:
+            cls = LAUNCHERS[launcher]
+        return super().__new__(cls)
 
     def __init__(
         self,
