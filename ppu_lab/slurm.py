@@ -7,7 +7,7 @@ From a notebook (on the login node, or a JupyterHub that submits to Slurm)::
                          env_setup="module load mpich\\nsource ~/ppu-lab/.venv/bin/activate") as cl:
         cl.apply(lambda: (rank, size))        # [(0, 4), (1, 4), (2, 4), (3, 4)]
 
-(``MPICluster(n, launcher="slurm", ...)`` is refused with a pointer to this class.)
+(``MPICluster(4, launcher="slurm", partition=...)`` is the same: it returns a ``SlurmMPICluster``.)
 
 How the engines are started, and why
 ------------------------------------
@@ -247,7 +247,7 @@ _PROBE = (
 
 def _rank0_of_1_advice(n: int, mpi: str) -> str:
     return (
-        f"The {n} Slurm tasks did not form one MPI job: each engine is rank 0 of 1 (mpi={mpi!r}). A plain "
+        f"The {n} Slurm tasks did not form one MPI job: each task (engine) is rank 0 of 1 (mpi={mpi!r}). A plain "
         "`srun` (ipyparallel's engines='slurm') starts independent processes unless the MPI library gets "
         "Slurm's PMI wire-up. Use mpi='pmi2' (srun --mpi=pmi2, MPICH incl. the pip wheel, Intel MPI), "
         "mpi='pmix' (Open MPI >= 5) or mpi='mpiexec' (mpiexec inside the allocation); `srun --mpi=list` "
