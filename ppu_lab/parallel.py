@@ -131,6 +131,19 @@ class RankInputError(RankError, ValueError):
     """Bad input found on one or more ranks, raised on every rank (catch it as ValueError)."""
 
 
+class NonFiniteGradientError(RankError, ridge.DivergenceError):
+    """Some ranks' shard gradients became NaN or inf during training, raised on every rank.
+
+    Usually SGD diverging (lr too large); it is also a ``ridge.DivergenceError``.
+    """
+
+    def __init__(self, failures: dict[int, str], size: int | None = None, where: str = ""):
+        super().__init__(failures, size)
+        self.args = (f"{self.args[0]} (at {where}). Either SGD is diverging: choose a smaller lr "
+                     "(ridge.lipschitz gives the stable bound); or these ranks' data hold values so large "
+                     "that the gradient overflows",)
+
+
 @dataclass
 class ParallelSGDResult(ridge.SGDResult):
     """``ridge.SGDResult`` plus this rank's per-step timings (seconds, one entry per step).
@@ -154,7 +167,7 @@ class ParallelSGDResult(ridge.SGDResult):
 
 
 def _check_collectively(check, comm, error=RankInputError):
-    """Run ``check()`` on every rank; if it raised ValueError anywhere, raise ``error`` on all ranks."""
+    """Run ``check()`` on every rank; if it raised anywhere, raise ``error`` on all ranks with the messages."""
     try:
         value, ok, message = check(), True, ""
     except Exception as exc:  # noqa: BLE001 - any failure must reach every rank, not hang them
@@ -172,7 +185,7 @@ def _check_all(ok, message, comm, error):
 
 
 def _setup(X, y, lam, lr, batch_size, epochs, seed, w0, lr_decay, comm, holds_data):
-    """Validate on every rank, agree on the arguments, return (n, d, w, lam, batch_size, epochs).
+    """Validate on every rank, agree on the arguments; return ``(X, y, w0, n, d)`` (X, y None where unused).
 
     ``holds_data``: whether this rank's X and y are used (all ranks for Allreduce, rank 0 for Scatter).
     Raises ``RankInputError`` (a ValueError) on every rank when any rank's input is bad.
@@ -216,8 +229,17 @@ def _setup(X, y, lam, lr, batch_size, epochs, seed, w0, lr_decay, comm, holds_da
 
 
 def _first_failure(ok, message, comm, what):
-    """After a non-finite global gradient: name the ranks whose local part failed, or report divergence."""
-    _check_all(ok, message, comm, RankError)
+    """After a non-finite global gradient, on every rank: name the ranks whose local part failed.
+
+    An exception on some rank -> ``RankError``; only non-finite shard gradients ->
+    ``NonFiniteGradientError``; all shards finite but their sum not -> ``ridge.DivergenceError``.
+    """
+    try:
+        check_all(ok, message, comm)
+    except RankError as exc:
+        if all(m.startswith(_NOT_FINITE) for m in exc.failures.values()):
+            raise NonFiniteGradientError(exc.failures, exc.size, what) from None
+        raise
     raise ridge.DivergenceError(f"the summed gradient became non-finite at {what} although every rank's "
                                 "shard gradient was finite: SGD is diverging, choose a smaller lr")
 
@@ -241,13 +263,16 @@ def _epoch_end(w, J_part, J_ref, lr, lam, epoch, X, comm, history, start, batch_
     raise ridge.DivergenceError(comm.bcast(message, root=0) or f"SGD diverged at epoch {epoch}: J(w) = {J:.3g}")
 
 
+_NOT_FINITE = "the gradient of this rank's shard"
+
+
 def _local_gradient(w, Xs, ys):
     """This rank's shard gradient, or (NaN, message) when it failed: the NaN then reaches every rank."""
     try:
         g = ridge.data_gradient(w, Xs, ys)                 # (d,)
         if np.all(np.isfinite(g)):
             return g, True, ""
-        return g, False, f"the gradient of this rank's shard ({len(ys)} rows) is not finite"
+        return g, False, f"{_NOT_FINITE} ({len(ys)} rows) is not finite"
     except Exception as exc:  # noqa: BLE001 - reported on every rank through the NaN
         return np.full(w.shape, np.nan), False, f"{type(exc).__name__}: {exc}"
 

@@ -98,9 +98,13 @@ def test_both_designs_equal_serial_sgd_odd_batch(mpirun, n):
 
 
 @pytest.mark.parametrize("mode, n", [("small_batch", 2), ("small_batch", 3), ("nan_data", 3), ("bad_arg", 2),
-                                     ("nan_step", 2), ("nan_step", 3), ("raise_step", 3)])
+                                     ("nan_step", 2), ("nan_step", 3), ("raise_step", 3),
+                                     ("diverge", 2), ("overflow", 3)])
 def test_failure_on_one_rank_raises_on_every_rank(mpirun, mode, n):
-    """Bad input or a failing step on one rank: every rank raises (the script asserts it) within seconds."""
+    """Bad input or a failing step on one rank, or divergence: every rank raises the same error, within seconds.
+
+    The script asserts the exception type and message on every rank (diverge: ridge.sgd's message).
+    """
     start = time.perf_counter()
     proc = mpirun(n, "ridge_errors.py", mode, timeout=60)
     assert proc.stdout.count("caught ") == 2, proc.stdout

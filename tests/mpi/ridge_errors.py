@@ -3,7 +3,8 @@
 Usage: mpiexec -n P python tests/mpi/ridge_errors.py MODE [uncaught]
 MODE: small_batch (batch_size < P), nan_data (NaN in rank 1's copy of X; in rank 0's for the
 scatter design, where only rank 0's data is read), bad_arg (lr differs
-on rank 1), nan_step (rank 1's shard gradient becomes NaN at step 3), raise_step (rank 1's
+on rank 1), diverge (lr far too large: J explodes within an epoch), overflow (lr so large
+that gradients overflow mid-epoch), nan_step (rank 1's shard gradient becomes NaN at step 3), raise_step (rank 1's
 gradient raises at step 3). Each design must raise the expected error on EVERY rank with a
 message naming the cause; rank 0 prints "caught <design>: <message>". With "uncaught" the
 error is left to mpi_main, which must end the job with the message in stderr.
@@ -40,6 +41,8 @@ EXPECTED = {  # mode -> (exception type, text in its message)
     "small_batch": (ValueError, "batch_size=1 is smaller than the number of ranks"),
     "nan_data": (ValueError, "X contains NaN"),
     "bad_arg": (ValueError, f"rank {FAULTY}: lr=0.002 differs from rank 0's lr=0.001"),
+    "diverge": (ridge.DivergenceError, "SGD diverged at epoch 1"),
+    "overflow": (ridge.DivergenceError, "SGD is diverging: choose a smaller lr"),
     "nan_step": (RankError, f"rank {FAULTY}: the gradient of this rank's shard"),
     "raise_step": (RankError, f"rank {FAULTY}: RuntimeError: injected failure in the shard gradient"),
 }
@@ -55,6 +58,8 @@ def main():
         batch = 1
     elif mode == "bad_arg" and rank == FAULTY:
         lr = 0.002
+    elif mode in ("diverge", "overflow"):
+        lr = (50.0 if mode == "diverge" else 1e30) / ridge.lipschitz(X, 0.1)
     for name, sgd in DESIGNS.items():
         bad_data = 0 if name == "scatter_allgather" else FAULTY   # the rank whose data has a NaN
         if mode == "nan_data":
