@@ -326,7 +326,8 @@ def sgd_allreduce(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, w0=None,
 def sgd_scatter_allgather(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, w0=None, *, lr_decay=0.0):
     """Data-parallel minibatch SGD, the course's design: rank 0 scatters each minibatch.
 
-    Rank 0 holds the data (other ranks may pass ``X=None, y=None``), draws the minibatch
+    Rank 0 holds the data (other ranks may pass ``X=None, y=None``; rank 0 keeps a packed copy
+    ``[X | y]`` of shape (n, d+1) for the duration of the call), draws the minibatch
     (``ridge.minibatches``) and ``Scatterv``s its rows, packed as ``[X | y]``, in
     contiguous shards of sizes ``shard_counts(|B|, p)`` (uneven when p does not divide
     |B|). Each rank computes ``ridge.data_gradient`` of its shard; ``Allgather`` puts all

@@ -7,7 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from ppu_lab.parallel import RankError, amdahl_fit, amdahl_speedup, shard_bounds, shard_counts
+from ppu_lab import ridge
+from ppu_lab.parallel import (NonFiniteGradientError, ParallelSGDResult, RankError, RankInputError, amdahl_fit,
+                             amdahl_speedup, shard_bounds, shard_counts)
 
 
 # --------------------------------------------------------------------------- shard_bounds, no MPI
@@ -44,6 +46,21 @@ def test_rank_error_message_names_ranks():
     err = RankError({2: "NaN in X", 0: "bad lr"})
     assert list(err.failures) == [0, 2]
     assert "rank 0: bad lr" in str(err) and "rank 2: NaN in X" in str(err)
+
+
+def test_rank_errors_are_also_the_errors_serial_code_raises():
+    """Bad input is a ValueError and a non-finite gradient a DivergenceError, as in ridge.sgd."""
+    assert isinstance(RankInputError({1: "X contains NaN"}, 3), ValueError)
+    err = NonFiniteGradientError({1: "not finite"}, 2, "epoch 1, step 4")
+    assert isinstance(err, ridge.DivergenceError) and isinstance(err, RankError)
+    assert "1 of 2 rank(s) failed: rank 1: not finite (at epoch 1, step 4)" in str(err)
+    assert "smaller lr" in str(err)
+
+
+def test_step_times_are_medians_per_step():
+    res = ParallelSGDResult(w=np.zeros(2), compute=np.array([1.0, 3.0, 2.0]), comm=np.array([0.5, 0.1, 0.2]))
+    assert isinstance(res, ridge.SGDResult)
+    assert res.step_times() == {"compute": 2.0, "comm": 0.2, "total": 2.2}
 
 
 # --------------------------------------------------------------------------- Amdahl's law, no MPI
