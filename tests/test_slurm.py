@@ -95,6 +95,14 @@ def test_rejected_job_raises_with_slurms_message(live_slurm):
         slurm.preflight(2, partition="no-such-partition")
 
 
+@pytest.mark.timeout(120)
+def test_job_failing_on_the_node_reports_its_output(live_slurm):
+    cl = slurm.SlurmMPICluster(2, time="00:05:00", env_setup="echo loading modules\nmodule load no-such-mpi")
+    with pytest.raises(slurm.SlurmError, match=r"job \d+ ended[\s\S]*loading modules[\s\S]*module"):
+        cl.start()
+    assert not cl.running
+
+
 _KERNEL = """
 import sys, time
 from ppu_lab.slurm import SlurmMPICluster
