@@ -70,7 +70,7 @@ COURSE_BATCH_SIZES = (50, 100, 150, 200)
 COURSE_ITERATION_TIMES = {50: 9.18, 100: 11.95, 150: 12.99, 200: 11.69}
 # Quick mode (tests, CI): a subsample and one epoch.
 QUICK = {"train_samples": 2000, "test_samples": 500, "epochs": 1}
-FULL_EPOCHS = 5
+FULL_EPOCHS = 3
 
 
 class ExperimentInputError(ValueError):
@@ -552,6 +552,14 @@ def _engine_run_grid(grid, out, kwargs):
 def select(records, **where) -> list[dict]:
     """The records whose fields equal ``where`` (e.g. ``label="cnn", batch_mode="global"``)."""
     return [r for r in records if all(r.get(k) == v for k, v in where.items())]
+
+
+def group_by(records, *fields) -> dict:
+    """``{(value of each field, ...): [records]}``, e.g. ``group_by(records, "batch_mode", "ranks")``."""
+    groups: dict = {}
+    for r in records:
+        groups.setdefault(tuple(r.get(f) for f in fields), []).append(r)
+    return groups
 
 
 def _median_of(records, field_, **where):

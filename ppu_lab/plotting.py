@@ -229,3 +229,18 @@ def efficiency_vs_nodes(results, ax=None, model=None, batch_mode=None, metric="e
         efficiency(ranks, times, ax=ax, label=f"batch {b}", xlabel=NODES, **style)
     ax.set_title(f"{model}, {batch_mode.replace('_', '-')} batch")
     return ax
+
+
+def course_figures(results, model=None, batch_mode=None, axes=None):
+    """The course's four figures side by side (2 x 2): time per iteration vs nodes and vs batch size,
+    accuracy vs batch size and vs nodes. Returns the 2 x 2 array of Axes."""
+    import matplotlib.pyplot as plt
+
+    results, model, batch_mode = _select(results, model, batch_mode)
+    if axes is None:
+        _, axes = plt.subplots(2, 2, figsize=(11, 7.5), layout="constrained")
+    axes = np.asarray(axes)
+    for fn, ax in zip((iteration_time_vs_nodes, iteration_time_vs_batch, accuracy_vs_batch, accuracy_vs_nodes),
+                      axes.flat):
+        fn(results, ax=ax, model=model, batch_mode=batch_mode)
+    return axes
