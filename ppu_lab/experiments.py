@@ -341,13 +341,13 @@ def _agree(comm, fn, *args, root_only=False):
     if comm.Get_rank() == 0 or not root_only:
         try:
             value = fn(*args)
-        except Exception as exc:
-            err = (type(exc).__name__, str(exc))
+        except Exception as exc:  # re-raised below on every rank
+            err = (isinstance(exc, ValueError), str(exc))
     errors = comm.allgather(err)
     bad = [(r, e) for r, e in enumerate(errors) if e is not None]
     if bad:
-        rank, (kind, msg) = bad[0]
-        cls = ExperimentInputError if kind in ("ExperimentInputError", "ValueError") else RuntimeError
+        rank, (bad_input, msg) = bad[0]
+        cls = ExperimentInputError if bad_input else RuntimeError
         where = "" if root_only or comm.Get_size() == 1 else f" (rank {rank}{' and others' if len(bad) > 1 else ''})"
         raise cls(f"{msg}{where}")
     return comm.bcast(value, root=0) if root_only else value
