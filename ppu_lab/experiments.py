@@ -455,10 +455,14 @@ def run_grid(grid, out, *, comm=None, data=None, data_root=None, train_fn=None, 
 
     def load():
         if data is not None:
-            return data
-        from ppu_lab.data import load_mnist
+            full = data
+        else:
+            from ppu_lab.data import load_mnist
 
-        return load_mnist(data_root)
+            full = load_mnist(data_root)
+        for cfg in todo:  # sizes checked before any training
+            _subsample(full, cfg.train_samples, cfg.test_samples)
+        return full
 
     full = _agree(comm, load)
     machine = machine_info(comm)

@@ -156,15 +156,16 @@ def test_cli_help_explains_every_option():
     (["--ranks", "1,4"], "only 2 MPI processes"),
     (["--out", "{file}/r.jsonl"], "cannot write results"),
     (["--data-root", "{bad_mnist}"], "train-images-idx3-ubyte.gz"),  # corrupt files: named, on every rank
+    (["--data-root", "{mnist}", "--train-samples", "100000"], "train_samples=100000 but the training set has only"),
 ])
-def test_cli_bad_input_fails_on_every_rank_before_any_work(mpirun, tmp_path, args, words):
+def test_cli_bad_input_fails_on_every_rank_before_any_work(mpirun, tmp_path, mnist_root, args, words):
     (tmp_path / "file").write_text("x")
     (tmp_path / "mnist").mkdir()
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte"):
         (tmp_path / "mnist" / f"{name}.gz").write_bytes(b"not a gzip file")
     args = [a.replace("{file}", str(tmp_path / "file")).replace("{bad_mnist}", str(tmp_path / "mnist"))
-            for a in args]
+            .replace("{mnist}", str(mnist_root)) for a in args]
     out = ["--out", str(tmp_path / "r.jsonl")] if "--out" not in args else []
     start = time.perf_counter()
     proc = mpirun(2, "-m ppu_lab.experiments", "run", "--quick", *out, *args, timeout=90, check=False)
