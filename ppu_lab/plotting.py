@@ -217,7 +217,7 @@ def speedup_vs_nodes(results, ax=None, model=None, batch_mode=None, metric="epoc
     results, model, batch_mode = _select(results, model, batch_mode)
     for b, (ranks, times) in results_series(results, "ranks", metric, "batch_size", model, batch_mode).items():
         speedup(ranks, times, ax=ax, label=f"batch {b}", xlabel=NODES, **style)
-    ax.set_title(f"{model}, {batch_mode.replace('_', '-')} batch")
+    _node_axis(ax, model, batch_mode)
     return ax
 
 
@@ -227,8 +227,15 @@ def efficiency_vs_nodes(results, ax=None, model=None, batch_mode=None, metric="e
     results, model, batch_mode = _select(results, model, batch_mode)
     for b, (ranks, times) in results_series(results, "ranks", metric, "batch_size", model, batch_mode).items():
         efficiency(ranks, times, ax=ax, label=f"batch {b}", xlabel=NODES, **style)
-    ax.set_title(f"{model}, {batch_mode.replace('_', '-')} batch")
+    top = max(float(np.nanmax(ln.get_ydata())) for ln in ax.get_lines())
+    ax.set_ylim(0, max(1.1, 1.05 * top))  # superlinear points (cache effects, noise) stay visible
+    _node_axis(ax, model, batch_mode)
     return ax
+
+
+def _node_axis(ax, model, batch_mode):
+    ax.set_xticks(sorted({int(v) for line in ax.get_lines() for v in line.get_xdata()}))
+    ax.set_title(f"{model}, {batch_mode.replace('_', '-')} batch")
 
 
 def course_figures(results, model=None, batch_mode=None, axes=None):
