@@ -2,6 +2,9 @@
 #   make lab    create .venv if missing, install the lab, start JupyterLab on notebooks/
 #   make test   create .venv if missing, run the whole suite (unit, MPI under mpiexec, notebooks)
 #
+# As root (CI), `make test` also starts a one-node Slurm for the cluster tests and stops it
+# afterwards (scripts/slurm/with-slurm.sh); PPU_LAB_SLURM=0 turns that off.
+#
 # MPI=system   use an MPI you `module load` instead of the mpich wheel from PyPI
 #              (mpi4py is then built against it: see README, "Using a system MPI").
 
@@ -36,7 +39,7 @@ lab: $(STAMP)
 	$(RUN) $(BIN)/jupyter lab notebooks/
 
 test: $(STAMP)
-	$(RUN) PPU_LAB_QUICK=$${PPU_LAB_QUICK:-1} $(BIN)/python -m pytest tests notebooks \
+	$(RUN) PPU_LAB_QUICK=$${PPU_LAB_QUICK:-1} scripts/slurm/with-slurm.sh $(BIN)/python -m pytest tests notebooks \
 	    --nbval-lax --nbval-current-env $(PYTEST_ARGS)
 
 clean-venv:
