@@ -251,3 +251,28 @@ def course_figures(results, model=None, batch_mode=None, axes=None):
                       axes.flat):
         fn(results, ax=ax, model=model, batch_mode=batch_mode)
     return axes
+
+
+# --------------------------------------------------------------------------- MNIST (notebooks 05-06)
+def digits(images, labels=None, ax=None, ncols: int = 10, predicted=None):
+    """MNIST images (n, 28, 28) tiled in one picture, ``ncols`` per row; labels (and predictions) below."""
+    ax = _ax(ax)
+    images = np.asarray(images, dtype=float)
+    n = len(images)
+    nrows = -(-n // ncols)
+    tiles = np.ones((nrows * 30, ncols * 30))
+    for k, img in enumerate(images):
+        r, c = divmod(k, ncols)
+        tiles[r * 30 + 1:r * 30 + 29, c * 30 + 1:c * 30 + 29] = 1.0 - img  # dark ink on white
+    ax.imshow(tiles, cmap="gray", vmin=0, vmax=1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if labels is not None:
+        text = [str(int(v)) for v in labels]
+        if predicted is not None:
+            text = [f"{t}/{int(p)}" for t, p in zip(text, predicted)]
+        for k, t in enumerate(text):
+            r, c = divmod(k, ncols)
+            ax.text(c * 30 + 15, r * 30 + 29.5, t, ha="center", va="top", fontsize=8, color="tab:blue")
+        ax.set_xlabel("label" if predicted is None else "label / predicted")
+    return ax

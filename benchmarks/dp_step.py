@@ -1,0 +1,198 @@
+"""The CNN's data-parallel training step: ppu_lab vs PyTorch DistributedDataParallel (gloo), vs ranks.
+
+One command runs the whole grid (it starts ``mpiexec -n p`` itself for each rank count) and prints a
+table (not a timed test; notebook 06 explains the numbers):
+
+    python benchmarks/dp_step.py                 # ranks 1, 2, 4, ... up to the cores of this machine
+    python benchmarks/dp_step.py --ranks 1 2 4 8 16 --steps 40
+
+For each rank count p and two batch settings -- per-rank batch 64 (weak scaling: global batch 64 p)
+and global batch 512 (strong scaling: 512 / p per rank) -- it times, alternating in the same job:
+
+- ``ppu_lab``: ``ppu_lab.train.train("cnn", ...)`` itself (one flat preallocated gradient buffer, the
+  parameters' ``.grad`` are views into it, one Allreduce per step, one vector update);
+- ``minimal``: the same step written as a bare loop (no bookkeeping at all): the floor for ppu_lab;
+- ``DDP``: ``ppu_lab.ddp.train_ddp`` (DistributedDataParallel over gloo, bucketed all-reduce overlapped
+  with backward, ``torch.optim.SGD``).
+
+Step time = median over steps of rank 0's wall time per step (a synchronous step ends for every rank
+at the same Allreduce). Data are random 28x28 images: the step's cost does not depend on the pixels.
+Weak-scaling efficiency = T(1) / T(p) at per-rank batch 64; strong-scaling speedup = T(1) / T(p) at
+global batch 512. One thread per rank (see ``ppu_lab.train.train``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = [("per_rank", 64), ("global", 512)]
+
+
+# --------------------------------------------------------------------------- worker (under mpiexec)
+def _data(global_batch, steps_per_epoch=8, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)  # the same on every rank
+    n = global_batch * steps_per_epoch
+    x = rng.random((n, 28, 28), dtype=np.float32)
+    y = rng.integers(0, 10, n)
+    return x, y, x[:10], y[:10]
+
+
+def _minimal_steps(data, global_batch, steps, comm):
+    """The leanest flat-buffer Allreduce step: what ppu_lab must match."""
+    import numpy as np
+    import torch
+    from mpi4py import MPI
+
+    from ppu_lab.models import make_cnn
+    from ppu_lab.parallel import shard_bounds
+
+    torch.manual_seed(0)
+    net = make_cnn()
+    params = list(net.parameters())
+    flat = torch.zeros(sum(p.numel() for p in params))
+    grad = torch.zeros_like(flat)
+    o = 0
+    for p in params:
+        k = p.numel()
+        flat[o:o + k].copy_(p.data.reshape(-1))
+        p.data, p.grad = flat[o:o + k].view_as(p), grad[o:o + k].view_as(p)
+        o += k
+    g = grad.numpy()
+    ce = torch.nn.CrossEntropyLoss(reduction="sum")
+    rank, size = comm.Get_rank(), comm.Get_size()
+    lo, hi = shard_bounds(global_batch, size, rank)
+    x = torch.from_numpy(data[0][:global_batch].reshape(-1, 1, 28, 28))[lo:hi].contiguous()
+    y = torch.from_numpy(data[1][:global_batch])[lo:hi].contiguous()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        grad.zero_()
+        ce(net(x), y).backward()
+        comm.Allreduce(MPI.IN_PLACE, g, op=MPI.SUM)
+        flat.add_(grad, alpha=-0.1 / global_batch)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def worker(args):
+    import torch
+
+    from ppu_lab.ddp import side_by_side
+    from ppu_lab.parallel import world
+
+    torch.set_num_threads(1)
+    comm = world()
+    size = comm.Get_size()
+    results = {}
+    for mode, batch in CONFIGS:
+        global_batch = batch * size if mode == "per_rank" else batch
+        data = _data(global_batch)
+        minimal = {"minimal": lambda c: _minimal_steps(data, global_batch, args.steps, c)}
+        results[f"{mode}_{batch}"] = side_by_side(data, batch_size=batch, batch_mode=mode, steps=args.steps,
+                                                  warmup=args.warmup, repeats=args.repeats, comm=comm,
+                                                  extra=minimal)
+    if comm.Get_rank() == 0:
+        Path(args.out).write_text(json.dumps({"ranks": size, "results": results}))
+
+
+# --------------------------------------------------------------------------- driver
+def default_ranks():
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ranks, p = [], 1
+    while p <= cores:
+        ranks.append(p)
+        p *= 2
+    return ranks
+
+
+def mpiexec():
+    local = Path(sys.executable).parent / "mpiexec"
+    return str(local) if local.exists() else "mpiexec"
+
+
+def run_grid(ranks, steps, repeats, warmup, timeout):
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for p in ranks:
+            out = Path(tmp) / f"p{p}.json"
+            cmd = [mpiexec(), "-n", str(p), sys.executable, __file__, "--worker", "--out", str(out),
+                   "--steps", str(steps), "--repeats", str(repeats), "--warmup", str(warmup)]
+            print(f"running {p} rank(s) ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+            if proc.returncode != 0 or not out.exists():
+                sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+            rows[p] = json.loads(out.read_text())["results"]
+    return rows
+
+
+def table(rows) -> str:
+    ps = sorted(rows)
+    p1 = ps[0]
+    lines = []
+    w = rows[p1]["per_rank_64"]
+    s = rows[p1]["global_512"]
+    lines.append("CNN data-parallel step, median ms per step (rank 0); one thread per rank")
+    lines.append("")
+    lines.append("per-rank batch 64 (weak scaling: global batch 64 p)")
+    lines.append(f"{'ranks':>5} {'ppu_lab':>9} {'minimal':>9} {'DDP':>9} {'DDP/ppu':>8} "
+                 f"{'eff ppu':>8} {'eff min':>8} {'eff DDP':>8}")
+    for p in ps:
+        r = rows[p]["per_rank_64"]
+        lines.append(f"{p:>5} {1e3 * r['ppu_lab']:>9.2f} {1e3 * r['minimal']:>9.2f} {1e3 * r['DDP']:>9.2f} "
+                     f"{r['DDP'] / r['ppu_lab']:>8.2f} {w['ppu_lab'] / r['ppu_lab']:>8.2f} "
+                     f"{w['minimal'] / r['minimal']:>8.2f} {w['DDP'] / r['DDP']:>8.2f}")
+    lines.append("")
+    lines.append("global batch 512 (strong scaling: 512 / p per rank)")
+    lines.append(f"{'ranks':>5} {'ppu_lab':>9} {'minimal':>9} {'DDP':>9} {'DDP/ppu':>8} "
+                 f"{'S ppu':>8} {'S min':>8} {'S DDP':>8}")
+    for p in ps:
+        r = rows[p]["global_512"]
+        lines.append(f"{p:>5} {1e3 * r['ppu_lab']:>9.2f} {1e3 * r['minimal']:>9.2f} {1e3 * r['DDP']:>9.2f} "
+                     f"{r['DDP'] / r['ppu_lab']:>8.2f} {s['ppu_lab'] / r['ppu_lab']:>8.2f} "
+                     f"{s['minimal'] / r['minimal']:>8.2f} {s['DDP'] / r['DDP']:>8.2f}")
+    lines.append("")
+    lines.append("DDP/ppu > 1: ppu_lab's step is faster (DDP/ppu = ppu_lab's throughput relative to DDP). "
+                 "eff = T(1)/T(p); S = T(1)/T(p).")
+    slower = [(p, k) for p in ps for k in rows[p] if rows[p][k]["ppu_lab"] > rows[p][k]["DDP"]]
+    lines.append("ppu_lab at least as fast as DDP at every rank count: "
+                 + ("yes" if not slower else f"NO at {slower}"))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ranks", type=int, nargs="+", default=None,
+                    help="rank counts to run (default: 1, 2, 4, ... up to the cores available)")
+    ap.add_argument("--steps", type=int, default=30, help="steps per timed block (default 30)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="blocks per implementation, alternating ppu_lab/minimal/DDP (default 2)")
+    ap.add_argument("--warmup", type=int, default=5, help="steps dropped at the start of each block (default 5)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds allowed per rank count (default 900)")
+    ap.add_argument("--json", default=None, help="also write the measurements to this JSON file")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        from ppu_lab.parallel import mpi_main
+
+        return mpi_main(lambda: worker(args))
+    if args.steps <= args.warmup:
+        ap.error("--steps must be larger than --warmup")
+    rows = run_grid(args.ranks or default_ranks(), args.steps, args.repeats, args.warmup, args.timeout)
+    if args.json:
+        Path(args.json).write_text(json.dumps({str(p): r for p, r in rows.items()}, indent=1))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Under mpiexec: DistributedDataParallel (gloo) trains the same CNN, batch and step as ppu_lab's train().
+
+Usage: mpiexec -n N python tests/mpi/train_ddp.py MNIST_ROOT
+
+Prints "ddp max relative difference X" on rank 0; tests/test_train.py checks X against CNN_RTOL.
+"""
+
+import sys
+
+import numpy as np
+
+from ppu_lab.data import load_mnist
+from ppu_lab.ddp import init_from_mpi, shutdown, train_ddp
+from ppu_lab.parallel import mpi_main, world
+from ppu_lab.train import train
+
+
+def main():
+    comm = world()
+    x_tr, y_tr, x_te, y_te = load_mnist(sys.argv[1], download=False)
+    data = (x_tr[:640], y_tr[:640], x_te[:300], y_te[:300])
+    rank, size = init_from_mpi(comm)
+    assert (rank, size) == (comm.Get_rank(), comm.Get_size())
+    ours = train("cnn", data, batch_size=64, comm=comm, progress=False)
+    theirs = train_ddp(data, batch_size=64, comm=comm, progress=False)
+    shutdown()
+    diff = np.abs(ours.params - theirs.params).max() / np.abs(ours.params).max()
+    same = comm.allgather(theirs.params)
+    if rank == 0:
+        assert all(np.array_equal(p, same[0]) for p in same), "DDP ranks differ"
+        print(f"ddp max relative difference {diff:.3e}")
+        print(f"accuracy ppu_lab {ours.history[-1]['test_accuracy']:.4f} DDP {theirs.history[-1]['test_accuracy']:.4f}")
+
+
+if __name__ == "__main__":
+    mpi_main(main)
