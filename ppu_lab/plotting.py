@@ -260,10 +260,11 @@ def digits(images, labels=None, ax=None, ncols: int = 10, predicted=None):
     images = np.asarray(images, dtype=float)
     n = len(images)
     nrows = -(-n // ncols)
-    tiles = np.ones((nrows * 30, ncols * 30))
+    pitch = 30 if labels is None else 40  # room for the label under each image
+    tiles = np.ones((nrows * pitch, ncols * 30))
     for k, img in enumerate(images):
         r, c = divmod(k, ncols)
-        tiles[r * 30 + 1:r * 30 + 29, c * 30 + 1:c * 30 + 29] = 1.0 - img  # dark ink on white
+        tiles[r * pitch + 1:r * pitch + 29, c * 30 + 1:c * 30 + 29] = 1.0 - img  # dark ink on white
     ax.imshow(tiles, cmap="gray", vmin=0, vmax=1)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -273,6 +274,6 @@ def digits(images, labels=None, ax=None, ncols: int = 10, predicted=None):
             text = [f"{t}/{int(p)}" for t, p in zip(text, predicted)]
         for k, t in enumerate(text):
             r, c = divmod(k, ncols)
-            ax.text(c * 30 + 15, r * 30 + 29.5, t, ha="center", va="top", fontsize=8, color="tab:blue")
+            ax.text(c * 30 + 15, r * pitch + 34, t, ha="center", va="center", fontsize=8, color="tab:blue")
         ax.set_xlabel("label" if predicted is None else "label / predicted")
     return ax
