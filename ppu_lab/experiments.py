@@ -280,12 +280,12 @@ def check_writable(path) -> Path:
 
 
 def default_out(name: str = "grid.jsonl") -> Path:
-    """``$PPU_LAB_RESULTS/name``, else ``<repository>/results/name``, else ``./results/name``."""
+    """``$PPU_LAB_RESULTS/name``, else ``<lab checkout>/results/name``, else ``./results/name``."""
     env = os.environ.get("PPU_LAB_RESULTS")
     if env:
         return Path(env) / name
-    repo = Path(__file__).resolve().parents[1] / "results"
-    return (repo if repo.is_dir() else Path("results")) / name
+    repo = Path(__file__).resolve().parents[1]
+    return (repo / "results" if (repo / "pyproject.toml").exists() else Path("results")) / name
 
 
 def epoch_rows(records) -> list[dict]:
