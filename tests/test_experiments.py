@@ -274,9 +274,20 @@ def test_real_run(mpirun, tmp_path, mnist_root, n):
             assert one["final_accuracy"] == two["final_accuracy"]
             assert one["final_train_loss"] == pytest.approx(two["final_train_loss"], rel=1e-9)
             assert two["comm_fraction"] > 0
+    rows = E.epoch_rows(records)  # tidy: one row per (run, epoch)
+    assert len(rows) == sum(len(r["history"]) for r in records)
+    assert {"label", "ranks", "batch_size", "batch_mode", "epoch", "train_loss", "test_accuracy"} <= set(rows[0])
     table = subprocess.run([sys.executable, "-m", "ppu_lab.experiments", "table", str(out)], capture_output=True,
                            text=True, timeout=60, check=True, cwd=ROOT).stdout
     assert len(table.splitlines()) == 1 + len(records)
+
+
+def test_launch_from_a_notebook_reports_failure(tmp_path):
+    """launch() runs the command line under mpiexec and turns a failure into an exception with the output."""
+    with pytest.raises(RuntimeError, match="unknown model 'mlp'"):
+        E.launch(1, "--models", "mlp", "--out", tmp_path / "r.jsonl", echo=False)
+    out = E.launch(1, "--models", "ann:10", "--dry-run", "--quick", "--out", tmp_path / "r.jsonl", echo=False)
+    assert out.count("todo") == 4 and "ranks=1" in out
 
 
 def test_run_on_mpi_engines(tmp_path, mnist_root):
