@@ -12,8 +12,9 @@ Rank 0 alone appends one JSON object per line, written with a single ``write`` a
 ``flush`` + ``fsync``: a crash loses at most the run in progress. A torn last line (a crash in
 the middle of a write) is detected, reported with a warning and cut off before new records are
 appended; ``load_results`` ignores it. Re-running the same command skips runs already in the
-file: a run is identified by ``key`` (its configuration, see ``RunConfig.key``), not by the
-machine. Each record holds:
+file: a run is identified by ``key`` (its configuration as asked for, see ``RunConfig.key``; an
+``lr`` of None there means train()'s default, and the record's ``lr`` field holds the value used),
+not by the machine. Each record holds:
 
 - configuration: ``label`` (``ann:10``), ``model``, ``hidden``, ``ranks``, ``batch_size``,
   ``batch_mode`` (``global``: ``batch_size`` is split over the ranks; ``per_rank``: each rank
