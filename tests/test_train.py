@@ -2,6 +2,7 @@
 serial under mpiexec with 1, 2 and 3 ranks, divergence stopping every rank."""
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from ppu_lab.models import AnnModel, ann_loss_grad, combine
 from ppu_lab.ridge import DivergenceError
 from ppu_lab.train import _check_args, train
 
-spec = importlib.util.spec_from_file_location("train_equivalence", "tests/mpi/train_equivalence.py")
+spec = importlib.util.spec_from_file_location("train_equivalence",
+                                              Path(__file__).parent / "mpi" / "train_equivalence.py")
 EQ = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(EQ)
 
