@@ -1,0 +1,60 @@
+"""What summing a gradient costs: Allreduce vs Scatter+Allgather vs pickled allreduce (notebook 03).
+
+    mpiexec -n 2 python benchmarks/collectives.py            # about 20 s
+    mpiexec -n 2 python benchmarks/collectives.py --quick    # a few seconds (PPU_LAB_QUICK=1 too)
+
+Rank 0 prints the alpha-beta model fitted from a ping-pong between ranks 0 and 1, then, for
+gradient-sized messages (float32), the measured time of each sum with the model's prediction
+beside it, and the ratios to Allreduce measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from ppu_lab import collectives as C  # noqa: E402
+from ppu_lab.config import quick_mode  # noqa: E402
+from ppu_lab.parallel import mpi_main  # noqa: E402
+
+
+def main(argv=None):
+    from mpi4py import MPI
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=list(C.GRADIENT_SIZES), help="floats per rank")
+    ap.add_argument("--repeat", type=int, default=7, help="timing rounds (the best is reported)")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and sizes (also PPU_LAB_QUICK=1)")
+    args = ap.parse_args(argv)
+    comm = MPI.COMM_WORLD
+    p, rank = comm.Get_size(), comm.Get_rank()
+    quick = args.quick or quick_mode()
+    repeat = 3 if quick else args.repeat
+    sizes = [8_192, 28_938, 262_144] if quick and args.sizes == list(C.GRADIENT_SIZES) else args.sizes
+    if p < 2:
+        raise SystemExit("run with at least 2 ranks: mpiexec -n 2 python benchmarks/collectives.py")
+
+    nbytes, secs = C.pingpong(sizes=[2**k for k in range(0, 23, 2)], comm=comm, repeat=repeat)
+    model = C.fit_alpha_beta(nbytes, secs)
+    rows = C.compare_sums(sizes, comm=comm, repeat=repeat)
+    if rank == 0:
+        lib = " ".join(MPI.Get_library_version().splitlines()[0].split())
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        print(f"# {p} ranks, {cores} cores, {lib}{', QUICK' if quick else ''}")
+        print("# ping-pong (one way):", ", ".join(f"{m} B {1e6 * t:.2f} us" for m, t in zip(nbytes, secs)))
+        print(f"# fitted model: {model}")
+        print(C.format_table(rows, model))
+        for r in rows:
+            if r["n"] == 28_938:
+                print(f"# 28,938 float32: Allreduce {1e6 * r['allreduce']:.0f} us, Scatter+Allgather "
+                      f"{1e6 * r['scatter_allgather']:.0f} us, pickled {1e6 * r['pickled']:.0f} us")
+    return rows
+
+
+if __name__ == "__main__":
+    mpi_main(main)
