@@ -277,3 +277,85 @@ def digits(images, labels=None, ax=None, ncols: int = 10, predicted=None):
             ax.text(c * 30 + 15, r * pitch + 34, t, ha="center", va="center", fontsize=8, color="tab:blue")
         ax.set_xlabel("label" if predicted is None else "label / predicted")
     return ax
+
+
+# --------------------------------------------------------------------------- MPI collectives (notebook 03)
+_COLLECTIVES = {
+    # name: (before, after); each a list over ranks of the block labels that rank holds
+    "Bcast": (lambda p: [["A"]] + [[] for _ in range(p - 1)], lambda p: [["A"] for _ in range(p)]),
+    "Scatter": (lambda p: [[f"A{r}" for r in range(p)]] + [[] for _ in range(p - 1)],
+                lambda p: [[f"A{r}"] for r in range(p)]),
+    "Gather": (lambda p: [[f"A{r}"] for r in range(p)],
+               lambda p: [[f"A{r}" for r in range(p)]] + [[] for _ in range(p - 1)]),
+    "Allgather": (lambda p: [[f"A{r}"] for r in range(p)], lambda p: [[f"A{r}" for r in range(p)] for _ in range(p)]),
+    "Reduce": (lambda p: [[f"A{r}"] for r in range(p)], lambda p: [["ΣA"]] + [[] for _ in range(p - 1)]),
+    "Allreduce": (lambda p: [[f"A{r}"] for r in range(p)], lambda p: [["ΣA"] for _ in range(p)]),
+}
+
+
+def collective_diagram(name: str, ranks: int = 4, ax=None):
+    """Who holds which block before and after an MPI collective (Bcast, Scatter, Gather, Allgather,
+    Reduce, Allreduce): one row per rank, rank 0 on top; ``A_r`` is rank r's block, ``ΣA`` their sum."""
+    from matplotlib.patches import Rectangle
+
+    if name not in _COLLECTIVES:
+        raise ValueError(f"name must be one of {list(_COLLECTIVES)}; got {name!r}")
+    ax = _ax(ax)
+    before, after = (f(int(ranks)) for f in _COLLECTIVES[name])
+    colors = {f"A{r}": f"C{r % 10}" for r in range(int(ranks))} | {"A": "C0", "ΣA": "C7"}
+    for x0, state, title in ((0.0, before, "before"), (ranks + 3.0, after, "after")):
+        ax.text(x0 + ranks / 2, -0.8, title, ha="center", fontsize=10)
+        for r, blocks in enumerate(state):
+            ax.add_patch(Rectangle((x0, r), ranks, 0.8, fill=False, ec="0.6", lw=0.8))
+            for j, label in enumerate(blocks):
+                ax.add_patch(Rectangle((x0 + j, r + 0.05), 0.95, 0.7, color=colors[label], alpha=0.7))
+                ax.text(x0 + j + 0.47, r + 0.42, label, ha="center", va="center", fontsize=9)
+    for r in range(int(ranks)):
+        ax.text(-0.2, r + 0.4, f"rank {r}", ha="right", va="center", fontsize=9)
+    ax.annotate("", xy=(ranks + 2.7, ranks / 2), xytext=(ranks + 0.3, ranks / 2),
+                arrowprops=dict(arrowstyle="->", lw=1.5))
+    ax.text(ranks + 1.5, ranks / 2 - 0.35, name, ha="center", fontsize=9, weight="bold")
+    ax.set_xlim(-1.6, 2 * ranks + 3.2)
+    ax.set_ylim(ranks + 0.2, -1.3)
+    ax.set_axis_off()
+    return ax
+
+
+def pingpong_fit(nbytes: Sequence[float], seconds: Sequence[float], model=None, ax=None, **style):
+    """Measured one-way message time (µs) vs message size (bytes), log-log, with the alpha-beta line."""
+    ax = _ax(ax)
+    m = np.asarray(nbytes, dtype=float)
+    ax.loglog(m, 1e6 * np.asarray(seconds, dtype=float), "o", label="ping-pong (measured)", **style)
+    if model is not None:
+        grid = np.geomspace(m.min(), m.max(), 100)
+        ax.loglog(grid, 1e6 * model.send(grid), "-", label=f"α + β·m: {model}")
+    ax.set_xlabel("message size m (bytes)")
+    ax.set_ylabel("one-way time (µs)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return ax
+
+
+def collective_costs(rows, model=None, ax=None, keys=("allreduce", "scatter_allgather", "pickled")):
+    """Time per sum (µs) vs message size (bytes) for the rows of ``collectives.compare_sums``
+    (one line per method and rank count), with the alpha-beta prediction dashed."""
+    ax = _ax(ax)
+    names = {"allreduce": "Allreduce", "scatter_allgather": "Scatter+Allgather", "pickled": "pickled allreduce"}
+    predict = {"allreduce": "allreduce", "scatter_allgather": "scatter_allgather", "pickled": None}
+    for p in sorted({r["ranks"] for r in rows}):
+        sel = sorted((r for r in rows if r["ranks"] == p), key=lambda r: r["nbytes"])
+        m = np.array([r["nbytes"] for r in sel], dtype=float)
+        for i, key in enumerate(keys):
+            t = np.array([r[key] for r in sel], dtype=float)
+            if np.isnan(t).all():
+                continue
+            (line,) = ax.loglog(m, 1e6 * t, "o-", color=f"C{i}", alpha=0.5 + 0.5 / p,
+                                label=f"{names[key]}, p={p}")
+            if model is not None and predict[key]:
+                ax.loglog(m, 1e6 * getattr(model, predict[key])(m, p), "--", color=line.get_color(),
+                          alpha=line.get_alpha(), label=f"model, p={p}")
+    ax.set_xlabel("message size per rank (bytes)")
+    ax.set_ylabel("time per sum (µs)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3, which="both")
+    return ax
