@@ -20,6 +20,7 @@ the worker's frames in its traceback.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import sysconfig
@@ -199,7 +200,7 @@ def _objectives(W, X, y, lam):
 
 
 def hogwild(X, y, lam, lr, batch_size, epochs, n_threads=2, lock=False, seed=0, w0=None, *,
-            grad_fn=data_gradient, snapshot_every=0.005):
+            grad_fn=data_gradient, snapshots=100):
     """Asynchronous SGD: ``n_threads`` threads update ONE shared weight vector (Hogwild!).
 
     The rows are shuffled once (``seed``) and split into ``n_threads`` shards; thread t
@@ -211,8 +212,9 @@ def hogwild(X, y, lam, lr, batch_size, epochs, n_threads=2, lock=False, seed=0, 
     gradients remain, lost updates do not). Either way the ORDER of the updates is decided
     by the OS scheduler and the GIL, so results differ from run to run.
 
-    The calling thread takes a snapshot of ``w`` every ``snapshot_every`` seconds; J of the
-    snapshots is computed afterwards. Returns ``AsyncResult(w, history, updates, seconds)``
+    About ``snapshots`` times during the run (every total/snapshots updates, counted over
+    all threads) the thread that made the update copies ``w``; J of the copies is computed
+    afterwards, outside the timed run. Returns ``AsyncResult(w, history, updates, seconds)``
     with ``history`` lists ``time`` (s), ``updates`` (all threads) and ``J``.
     """
     X, y = ridge.check_problem(X, y, lam)
@@ -224,14 +226,18 @@ def hogwild(X, y, lam, lr, batch_size, epochs, n_threads=2, lock=False, seed=0, 
         raise ValueError(f"batch_size ({batch_size}) must not exceed the rows each thread holds "
                          f"(n // n_threads = {n // k}): use fewer threads or a smaller batch_size")
     check_grad_fn(grad_fn)
-    if not (np.isfinite(snapshot_every) and snapshot_every > 0):
-        raise ValueError(f"snapshot_every (seconds between snapshots of w) must be > 0; got {snapshot_every}")
+    if isinstance(snapshots, bool) or not isinstance(snapshots, (int, np.integer)) or snapshots < 1:
+        raise ValueError(f"snapshots (how many copies of w to record) must be an integer >= 1; got {snapshots!r}")
     w = _check_w0(w0, d)                                 # THE shared vector
     perm = np.random.default_rng(seed).permutation(n)
     shards = [perm[slice(*shard_bounds(n, k, t))] for t in range(k)]
     guard = threading.Lock() if lock else nullcontext()
     stop = threading.Event()
     counts = [0] * k                                     # thread t writes only counts[t]
+    total = epochs * sum(-(-len(s) // batch_size) for s in shards)
+    every = max(1, total // int(snapshots))
+    ticket = itertools.count(1)                          # next() is atomic: numbers the updates
+    snaps = [(0.0, 0, w.copy())]                         # (seconds, updates, w); list.append is atomic
 
     def worker(t):
         Xt, yt = X[shards[t]], y[shards[t]]             # (n_t, d), (n_t,)
@@ -249,20 +255,16 @@ def hogwild(X, y, lam, lr, batch_size, epochs, n_threads=2, lock=False, seed=0, 
                 with guard:
                     np.subtract(w, lr * g, out=w)        # in place on the shared vector
                 counts[t] += 1
+                u = next(ticket)
+                if u % every == 0 or u == total:
+                    snaps.append((time.perf_counter() - start, u, w.copy()))
 
-    snaps_t, snaps_u, snaps_w = [0.0], [0], [w.copy()]
     J0 = float(_objectives(w[None, :], X, y, lam)[0])
     pool, futures = _executor(k), []
     start = time.perf_counter()
     try:
         futures = [pool.submit(worker, t) for t in range(k)]
-        while True:
-            done, pending = wait(futures, timeout=snapshot_every, return_when=FIRST_EXCEPTION)
-            snaps_t.append(time.perf_counter() - start)
-            snaps_u.append(sum(counts))
-            snaps_w.append(w.copy())
-            if not pending or any(f.exception() is not None for f in done):
-                break
+        wait(futures, return_when=FIRST_EXCEPTION)       # all done, or one failed: stop the others
         seconds = time.perf_counter() - start
     finally:
         stop.set()
@@ -270,9 +272,10 @@ def hogwild(X, y, lam, lr, batch_size, epochs, n_threads=2, lock=False, seed=0, 
     for f in futures:                                    # all finished or cancelled by now
         if not f.cancelled() and f.exception() is not None:
             raise f.exception()                          # the worker's error, with its traceback
+    snaps.sort(key=lambda s: s[1])
     with np.errstate(over="ignore", invalid="ignore"):
-        J = _objectives(np.array(snaps_w), X, y, lam)
-    history = {"time": snaps_t, "updates": snaps_u, "J": [float(v) for v in J]}
+        J = _objectives(np.array([s[2] for s in snaps]), X, y, lam)
+    history = {"time": [s[0] for s in snaps], "updates": [s[1] for s in snaps], "J": [float(v) for v in J]}
     ridge.check_divergence(history["J"][-1], max(J0, 0.5 * float(y @ y)), lr, X, lam, epochs,
                            batch_size=batch_size)
     return AsyncResult(w=w, history=history, updates=sum(counts), seconds=seconds)

@@ -1,0 +1,82 @@
+"""Method 1 benchmark: what threads buy for the ridge gradient on this machine (notebook 02).
+
+Measures, in ONE run (so the ratios share the machine's load):
+
+1. seconds per data gradient with 1, 2, 4 threads, BLAS pinned to 1 thread per worker, for
+   the pure-Python loop, ``ridge.data_gradient`` (NumPy, ``@``) and ``data_gradient_dot``
+   (NumPy, ``np.dot``); then the NumPy gradient with BLAS's own threads left on as well
+   (Python threads x BLAS threads: oversubscription);
+2. the break-even minibatch size: one gradient step in the calling thread vs 2 threads.
+
+Not a test: it prints a table. Example::
+
+    python benchmarks/threads.py                 # about a minute on 2 cores
+    python benchmarks/threads.py --batch 100000 --repeat 5
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from ppu_lab import ridge, threads
+
+
+def _row(cells, widths):
+    return "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
+
+
+def scaling_table(args):
+    rng = np.random.default_rng(0)
+    cases = [("pure Python", threads.data_gradient_python, args.py_batch, args.py_d, 1),
+             ("NumPy @ (ridge)", ridge.data_gradient, args.batch, args.d, 1),
+             ("NumPy np.dot", threads.data_gradient_dot, args.batch, args.d, 1),
+             ("NumPy @ (ridge)", ridge.data_gradient, args.batch, args.d, None),
+             ("NumPy np.dot", threads.data_gradient_dot, args.batch, args.d, None)]
+    widths = (16, 14, 5, 8, 12, 9)
+    print(_row(("gradient", "batch x d", "BLAS", "threads", "ms/gradient", "speedup"), widths))
+    data = {}
+    for name, fn, b, d, blas in cases:
+        if (b, d) not in data:
+            data[b, d] = rng.standard_normal((b, d)), rng.standard_normal(b), rng.standard_normal(d)
+        X, y, w = data[b, d]
+        t = threads.time_threads(fn, w, X, y, threads=args.threads, repeat=args.repeat, blas_threads=blas)
+        for k, tk in zip(args.threads, t):
+            print(_row((name, f"{b} x {d}", blas or "all", k, f"{1e3 * tk:.3f}", f"{t[0] / tk:.2f}x"), widths))
+    print("speedup = T(1 thread) / T(k threads), same BLAS setting, medians of interleaved rounds")
+
+
+def break_even_table(args):
+    be = threads.break_even(args.sizes, d=args.d, n_threads=2, repeat=args.repeat)
+    widths = (10, 12, 12, 9)
+    print(_row(("batch", "serial ms", "2 thr ms", "speedup"), widths))
+    for b, s, t in zip(be.batch_sizes, be.serial, be.threaded):
+        print(_row((b, f"{1e3 * s:.4f}", f"{1e3 * t:.4f}", f"{s / t:.2f}x"), widths))
+    print(f"break-even batch (2 threads faster from here on, d={args.d}, BLAS=1): {be.batch}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=400_000, help="rows of the large NumPy batch")
+    p.add_argument("--d", type=int, default=50, help="features")
+    p.add_argument("--py-batch", type=int, default=4000, help="rows for the pure-Python gradient")
+    p.add_argument("--py-d", type=int, default=20, help="features for the pure-Python gradient")
+    p.add_argument("--threads", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4])
+    p.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")],
+                   default=[256, 1024, 4096, 16384, 65536, 262144], help="batch sizes for the break-even")
+    p.add_argument("--repeat", type=int, default=9, help="timed rounds per setting (median)")
+    args = p.parse_args(argv)
+    if args.threads[0] != 1:
+        p.error("--threads must start with 1 (the baseline)")
+    rep = threads.gil_report()
+    print("interpreter: Python {python}, free-threaded build: {free_threaded_build}, GIL enabled: {gil_enabled}; "
+          "CPUs: {cpus}; BLAS: {blas}".format(**rep))
+    print()
+    scaling_table(args)
+    print()
+    break_even_table(args)
+
+
+if __name__ == "__main__":
+    main()
