@@ -301,3 +301,42 @@ def format_table(rows, model: AlphaBeta | None = None) -> str:
         )
     lines.append("times in microseconds per call (best round, slowest rank); model = alpha-beta prediction")
     return "\n".join(lines)
+
+
+def compare_sums_over_ranks(sizes=GRADIENT_SIZES, ranks=(2,), comm=None, **kwargs) -> list[dict]:
+    """:func:`compare_sums` on the first ``p`` ranks of ``comm`` for each ``p`` in ``ranks``.
+
+    Collective over ``comm``; the rows of every ``p`` are returned on rank 0 (``None`` elsewhere).
+    One set of engines serves every rank count (notebook 03).
+    """
+    from ppu_lab.parallel import first_ranks
+
+    comm = world(comm)
+    rows = []
+    for p in ranks:
+        with first_ranks(int(p), comm) as sub:
+            if sub is not None:
+                rows += compare_sums(sizes, comm=sub, **kwargs)
+        comm.Barrier()
+    return rows if comm.Get_rank() == 0 else None
+
+
+def compare_bcast(sizes=(10, 1_000, 100_000), comm=None, repeat: int = 5) -> list[dict]:
+    """Seconds per broadcast of a float64 array of each size: pickled ``bcast`` vs buffer ``Bcast``."""
+    comm = world(comm)
+    rows = []
+    for n in sizes:
+        x = np.arange(int(n), dtype=np.float64) if comm.Get_rank() == 0 else np.empty(int(n))
+
+        def lower(comm):
+            return comm.bcast(x if comm.Get_rank() == 0 else None, root=0)
+
+        def upper(comm):
+            comm.Bcast(x, root=0)
+            return x
+
+        assert np.array_equal(lower(comm), np.arange(int(n))) and np.array_equal(upper(comm), np.arange(int(n)))
+        rows.append({"n": int(n), "nbytes": 8 * int(n),
+                     "bcast": time_collective(lower, comm=comm, repeat=repeat),
+                     "Bcast": time_collective(upper, comm=comm, repeat=repeat)})
+    return rows

@@ -41,6 +41,13 @@ def main():
     rows = C.compare_sums([10, 1000], comm=comm, repeat=1, number=1)
     assert [r["n"] for r in rows] == [10, 1000] and all(r["ranks"] == p for r in rows)
     assert all(r[k] > 0 for r in rows for k in ("allreduce", "scatter_allgather", "pickled"))
+    over = C.compare_sums_over_ranks([100], ranks=range(1, p + 1), comm=comm, repeat=1, number=1)
+    if rank == 0:
+        assert [r["ranks"] for r in over] == list(range(1, p + 1))
+    else:
+        assert over is None
+    b = C.compare_bcast([5, 5000], comm=comm, repeat=1)  # checks the broadcast values itself
+    assert [r["n"] for r in b] == [5, 5000] and all(r["bcast"] > 0 and r["Bcast"] > 0 for r in b)
     if rank == 0:
         print(f"OK sums on {p} ranks")
 
