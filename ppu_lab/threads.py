@@ -298,6 +298,41 @@ def gil_report() -> dict:
     }
 
 
+def gil_free_fraction(fn, *args, repeat=5, blas_threads=1):
+    """How much a pure-Python thread can run while ``fn(*args)`` runs: the GIL, measured directly.
+
+    A helper thread counts in a Python loop. The count's rate during a call of ``fn`` is divided
+    by its rate while the caller sleeps for as long (median of ``repeat`` calls). About 1: ``fn``
+    left the GIL free (compiled code that releases it); about 0: ``fn`` held it throughout; about
+    0.5 for long pure-Python calls, because the two threads then take turns every
+    ``sys.getswitchinterval()`` seconds (a call shorter than that can reach 0).
+    """
+    check_grad_fn(fn)
+    count, stop = [0], threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            count[0] += 1
+
+    spinner = threading.Thread(target=spin, name=f"{THREAD_PREFIX}-spinner")
+    ratios = []
+    with _blas_limit(blas_threads):
+        spinner.start()
+        try:
+            for _ in range(repeat):
+                c0, t0 = count[0], time.perf_counter()
+                fn(*args)
+                c1, t1 = count[0], time.perf_counter()
+                time.sleep(t1 - t0)
+                c2, t2 = count[0], time.perf_counter()
+                free = (c2 - c1) / (t2 - t1)
+                ratios.append((c1 - c0) / (t1 - t0) / free if free > 0 else float("nan"))
+        finally:
+            stop.set()
+            spinner.join()
+    return float(np.nanmedian(ratios))
+
+
 def _blas_limit(blas_threads):
     """Context that pins BLAS to ``blas_threads`` threads (None: leave BLAS as it is)."""
     if blas_threads is None:

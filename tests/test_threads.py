@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import traceback
 
 import numpy as np
@@ -172,6 +173,20 @@ def test_gil_report_matches_the_interpreter():
     expected = sys._is_gil_enabled() if hasattr(sys, "_is_gil_enabled") else True
     assert rep["gil_enabled"] == expected and rep["cpus"] >= 1
     assert rep["python"] == sys.version.split()[0]
+
+
+def _busy_python(seconds):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_gil_free_fraction_tells_a_gil_holder_from_a_gil_releaser():
+    # 2 ms of bytecode is shorter than the 5 ms switch interval: the counter thread cannot run.
+    held = threads.gil_free_fraction(_busy_python, 0.002, repeat=5)
+    free = threads.gil_free_fraction(time.sleep, 0.002, repeat=5)   # sleeping releases the GIL
+    assert held < 0.3 < free
+    assert _ours_alive() == []
 
 
 def test_time_threads_and_break_even_measure_every_setting():
