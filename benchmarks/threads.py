@@ -6,7 +6,8 @@ Measures, in ONE run (so the ratios share the machine's load):
    the pure-Python loop, ``ridge.data_gradient`` (NumPy, ``@``) and ``data_gradient_dot``
    (NumPy, ``np.dot``); then the NumPy gradient with BLAS's own threads left on as well
    (Python threads x BLAS threads: oversubscription);
-2. the break-even minibatch size: one gradient step in the calling thread vs 2 threads.
+2. how much of each call leaves the GIL free (``threads.gil_free_fraction``);
+3. the break-even minibatch size: one gradient step in the calling thread vs 2 threads.
 
 Not a test: it prints a table. Example::
 
@@ -47,6 +48,22 @@ def scaling_table(args):
     print("speedup = T(1 thread) / T(k threads), same BLAS setting, medians of interleaved rounds")
 
 
+def gil_table(args):
+    rng = np.random.default_rng(1)
+    X, y, w = rng.standard_normal((args.batch // 2, args.d)), rng.standard_normal(args.batch // 2), \
+        rng.standard_normal(args.d)
+    r = y - X @ w
+    Xp, yp, wp = rng.standard_normal((args.py_batch, args.py_d)), rng.standard_normal(args.py_batch), \
+        rng.standard_normal(args.py_d)
+    calls = [("pure-Python gradient", threads.data_gradient_python, (wp, Xp, yp)),
+             ("X @ w", np.matmul, (X, w)), ("X.T @ r", np.matmul, (X.T, r)), ("np.dot(X.T, r)", np.dot, (X.T, r)),
+             ("ridge.data_gradient", ridge.data_gradient, (w, X, y)),
+             ("data_gradient_dot", threads.data_gradient_dot, (w, X, y))]
+    print(f"GIL left free during the call (1 = free, 0 = held; {args.batch // 2} x {args.d}, BLAS=1):")
+    for name, fn, a in calls:
+        print(f"  {name:22s} {threads.gil_free_fraction(fn, *a, repeat=args.repeat):5.2f}")
+
+
 def break_even_table(args):
     be = threads.break_even(args.sizes, d=args.d, n_threads=2, repeat=args.repeat)
     widths = (10, 12, 12, 9)
@@ -74,6 +91,8 @@ def main(argv=None):
           "CPUs: {cpus}; BLAS: {blas}".format(**rep))
     print()
     scaling_table(args)
+    print()
+    gil_table(args)
     print()
     break_even_table(args)
 
