@@ -91,9 +91,9 @@ def data_gradient_python(w, X, y):
 def data_gradient_dot(w, X, y):
     """``ridge.data_gradient`` with ``np.dot`` instead of ``@``: the same BLAS calls, same numbers.
 
-    On the NumPy of this lab (2.x) ``X.T @ r`` keeps the GIL while ``np.dot(X.T, r)``
-    releases it (measured in notebook 02, see numpy/numpy#11821), so this variant lets
-    both products of every shard run in parallel.
+    On the NumPy of this lab (2.x) ``X.T @ r`` keeps the GIL for much of the call while
+    ``np.dot(X.T, r)`` releases it (``gil_free_fraction``, notebook 02; see also
+    numpy/numpy#11821), so this variant lets both products of every shard overlap.
     """
     return -np.dot(X.T, y - np.dot(X, w))
 
