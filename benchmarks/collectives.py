@@ -28,13 +28,13 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=list(C.GRADIENT_SIZES), help="floats per rank")
-    ap.add_argument("--repeat", type=int, default=7, help="timing rounds (the best is reported)")
+    ap.add_argument("--repeat", type=int, default=25, help="timing rounds (the best is reported)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds and sizes (also PPU_LAB_QUICK=1)")
     args = ap.parse_args(argv)
     comm = MPI.COMM_WORLD
     p, rank = comm.Get_size(), comm.Get_rank()
     quick = args.quick or quick_mode()
-    repeat = 3 if quick else args.repeat
+    repeat = 7 if quick else args.repeat
     sizes = [8_192, 28_938, 262_144] if quick and args.sizes == list(C.GRADIENT_SIZES) else args.sizes
     if p < 2:
         raise SystemExit("run with at least 2 ranks: mpiexec -n 2 python benchmarks/collectives.py")

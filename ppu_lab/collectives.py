@@ -95,7 +95,7 @@ def _stat(rounds, stat):
     raise ValueError(f"stat must be 'min' or 'median'; got {stat!r}")
 
 
-def _calibrate(call, comm, target: float = 5e-3, cap: int = 100) -> int:
+def _calibrate(call, comm, target: float = 1e-3, cap: int = 100) -> int:
     """How many calls fill about ``target`` seconds; agreed by all ranks (the slowest decides)."""
     from mpi4py import MPI
 
@@ -113,7 +113,8 @@ def time_collective(fn, *args, comm=None, repeat: int = 5, number: int | None = 
     ``repeat`` rounds of ``number`` calls, each round started by a ``Barrier``; a round's time is
     the maximum over ranks. Returns the best round (``stat="min"``: on a shared machine other
     work only ever adds time) or the median round; the same value on every rank.
-    ``number=None`` picks it so that a round lasts about 5 ms (at most 100 calls).
+    ``number=None`` picks it so that a round lasts about 1 ms (at most 100 calls): short rounds
+    and many of them, so that some round escapes the other work on a shared machine.
     """
     from mpi4py import MPI
 
