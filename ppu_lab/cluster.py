@@ -43,7 +43,8 @@ import warnings
 import weakref
 from pathlib import Path
 
-__all__ = ["MPICluster", "ClusterError", "OversubscribeWarning", "preflight", "find_mpiexec", "LAUNCHERS"]
+__all__ = ["MPICluster", "ClusterError", "OversubscribeWarning", "preflight", "find_mpiexec", "usable_cores",
+           "LAUNCHERS"]
 
 #: Known backends: name -> MPICluster subclass. Issue 6 may add "slurm".
 LAUNCHERS: dict[str, type] = {}
@@ -125,11 +126,15 @@ def _mpi_flavor(mpiexec: str) -> tuple[str, str]:
     return _cache[key]
 
 
-def _cores() -> int:
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity; ``os.cpu_count()`` where that is unknown)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
+
+
+_cores = usable_cores
 
 
 def _is_root() -> bool:

@@ -64,9 +64,9 @@ def check_package(name: str, minimum: str, install: str) -> Item:
 
 
 def check_cores() -> Item:
-    from ppu_lab.cluster import _cores
+    from ppu_lab.cluster import usable_cores
 
-    n = _cores()
+    n = usable_cores()
     return Item("cores", f"{n} usable (os.cpu_count() = {os.cpu_count()})", n >= 2,
                 "" if n >= 2 else "1 core: MPI runs, but nothing can go faster in parallel; use a machine with >= 2")
 

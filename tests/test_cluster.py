@@ -226,3 +226,42 @@ def test_preflight_is_cached():
     t0 = time.perf_counter()
     preflight(2)
     assert time.perf_counter() - t0 < 0.05
+
+
+# ----------------------------------------------------------------------------- envcheck (notebook 00)
+
+
+def test_envcheck_reports_what_to_fix(tmp_path, monkeypatch):
+    import io
+
+    from ppu_lab import data, envcheck
+
+    for name in data.FILES:  # presence is what envcheck checks
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.setenv(data.ENV_VAR, str(tmp_path))
+    items = envcheck.check()
+    names = [i.name for i in items]
+    assert names[:2] == ["python", "numpy"] and "mpiexec" in names and names[-1] == "MNIST"
+    assert all(i.ok for i in items), [i for i in items if not i.ok]
+    mpi = next(i for i in items if i.name == "mpi4py's MPI library")
+    assert "ranks 0 and 1 of 2" in mpi.value
+
+    # now break two things: no MNIST, no mpiexec
+    monkeypatch.setenv(data.ENV_VAR, str(tmp_path / "nowhere"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(cluster, "_python_bin_dir", lambda: tmp_path)
+    out = io.StringIO()
+    assert envcheck.report(file=out) is False
+    text = out.getvalue()
+    assert "FIX  mpiexec" in text and "pip install mpich" in text
+    assert "FIX  MNIST" in text and "python -m ppu_lab.data fetch" in text
+    assert "2 thing(s) to fix" in text
+
+
+def test_envcheck_names_a_missing_package(monkeypatch):
+    from ppu_lab import envcheck
+
+    item = envcheck.check_package("surely_not_a_package_xyz", "1.0", "pip install xyz")
+    assert not item.ok and "missing" in item.value and "pip install xyz" in item.fix
+    old = envcheck.check_package("numpy", "999.0", "pip install 'numpy>=999'")
+    assert not old.ok and "needs >= 999.0" in old.fix
