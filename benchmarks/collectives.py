@@ -46,6 +46,8 @@ def main(argv=None):
         lib = " ".join(MPI.Get_library_version().splitlines()[0].split())
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         print(f"# {p} ranks, {cores} cores, {lib}{', QUICK' if quick else ''}")
+        if p > cores:
+            print(f"# WARNING: {p} ranks on {cores} cores share cores (oversubscribed): these times are meaningless")
         print("# ping-pong (one way):", ", ".join(f"{m} B {1e6 * t:.2f} us" for m, t in zip(nbytes, secs)))
         print(f"# fitted model: {model}")
         print(C.format_table(rows, model))
