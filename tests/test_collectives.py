@@ -73,3 +73,17 @@ def test_format_table_has_model_and_ratios():
     text = format_table(rows, AlphaBeta(1e-6, 1e-10))
     line = next(ln for ln in text.splitlines() if ln.strip().startswith("28,938"))
     assert "70.0" in line and "45.0" in line and "370.0" in line and "0.64" in line and "5.29" in line
+
+
+def test_benchmark_script_prints_table_and_model(mpirun):
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "collectives.py"
+    proc = mpirun(2, str(script), "--quick", "--sizes", "8192", "28938", timeout=180)
+    out = proc.stdout
+    alpha, beta = map(float, re.search(r"alpha = (\S+) us, beta = (\S+) ns/B", out).groups())
+    assert alpha > 0 and beta > 0
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("28,938"))
+    values = [float(v) for v in re.findall(r"\d+\.\d+", line)]
+    assert len(values) == 9 and all(v > 0 for v in values)  # KiB, 3 x (measured, model), 2 ratios
+    assert "# 28,938 float32: Allreduce" in out
