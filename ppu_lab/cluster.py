@@ -40,7 +40,6 @@ import tempfile
 import threading
 import time
 import warnings
-import weakref
 from pathlib import Path
 
 __all__ = ["MPICluster", "ClusterError", "OversubscribeWarning", "preflight", "find_mpiexec", "usable_cores",
@@ -289,7 +288,8 @@ def _kill_all(procs, timeout: float = 3.0) -> None:
     psutil.wait_procs(alive, timeout=timeout)
 
 
-_live: "weakref.WeakSet[MPICluster]" = weakref.WeakSet()
+# Running clusters, held strongly: one started without keeping a reference is still stopped at exit.
+_live: "set[MPICluster]" = set()
 
 
 @atexit.register
