@@ -162,11 +162,10 @@ def pingpong(sizes=None, comm=None, repeat: int = 5, number: int | None = None,
     sizes = np.asarray([2**k for k in range(0, 23, 2)] if sizes is None else sizes, dtype=np.int64)
     if sizes.ndim != 1 or sizes.size < 2 or (sizes < 1).any():
         raise ValueError(f"sizes (message sizes in bytes) must be >= 2 positive integers; got {sizes}")
-    rank = comm.Get_rank()
     times = np.zeros(sizes.size)
     for i, m in enumerate(sizes):
         buf = np.zeros(int(m), dtype=np.uint8)
-        k = number or _calibrate(lambda: _roundtrip(comm, buf, 1), comm, target=2e-3, cap=50)
+        k = number or _calibrate(lambda buf=buf: _roundtrip(comm, buf, 1), comm, target=2e-3, cap=50)
         rounds = []
         for _ in range(repeat + 1):  # the first round is a warm-up
             comm.Barrier()
@@ -329,10 +328,10 @@ def compare_bcast(sizes=(10, 1_000, 100_000), comm=None, repeat: int = 5) -> lis
     for n in sizes:
         x = np.arange(int(n), dtype=np.float64) if comm.Get_rank() == 0 else np.empty(int(n))
 
-        def lower(comm):
+        def lower(comm, x=x):
             return comm.bcast(x if comm.Get_rank() == 0 else None, root=0)
 
-        def upper(comm):
+        def upper(comm, x=x):
             comm.Bcast(x, root=0)
             return x
 

@@ -87,7 +87,7 @@ def test_ranks_ordered_and_nothing_left_after_exception():
             assert cl.apply(_rank_and_double, 10) == [(0, 20), (1, 21)]
             # an engine-id-ordered view may differ; ours is built from the ranks
             assert [cl.client[e].apply_sync(_rank_and_double, 0)[0] for e in cl.engine_ids] == [0, 1]
-            1 / 0
+            raise ZeroDivisionError("an error inside the with block")
     assert not cl.running
     assert len(pids) >= 4  # controller, mpiexec, 2 engines (+ proxies, nannies)
     assert _alive(pids) == []
