@@ -30,11 +30,11 @@ def _row(cells, widths):
 
 def scaling_table(args):
     rng = np.random.default_rng(0)
-    cases = [("pure Python", threads.data_gradient_python, args.py_batch, args.py_d, 1),
-             ("NumPy @ (ridge)", ridge.data_gradient, args.batch, args.d, 1),
-             ("NumPy np.dot", threads.data_gradient_dot, args.batch, args.d, 1),
-             ("NumPy @ (ridge)", ridge.data_gradient, args.batch, args.d, None),
-             ("NumPy np.dot", threads.data_gradient_dot, args.batch, args.d, None)]
+    cases = [("pure Python", threads.data_gradient_python, args.py_batch, args.py_d, 1)]
+    for blas in (1, None):
+        for b in args.batch:
+            cases += [("NumPy @ (ridge)", ridge.data_gradient, b, args.d, blas),
+                      ("NumPy np.dot", threads.data_gradient_dot, b, args.d, blas)]
     widths = (16, 14, 5, 8, 12, 9)
     print(_row(("gradient", "batch x d", "BLAS", "threads", "ms/gradient", "speedup"), widths))
     data = {}
@@ -50,7 +50,7 @@ def scaling_table(args):
 
 def gil_table(args):
     rng = np.random.default_rng(1)
-    X, y, w = rng.standard_normal((args.batch // 2, args.d)), rng.standard_normal(args.batch // 2), \
+    X, y, w = rng.standard_normal((args.batch[-1] // 2, args.d)), rng.standard_normal(args.batch[-1] // 2), \
         rng.standard_normal(args.d)
     r = y - X @ w
     Xp, yp, wp = rng.standard_normal((args.py_batch, args.py_d)), rng.standard_normal(args.py_batch), \
@@ -59,23 +59,30 @@ def gil_table(args):
              ("X @ w", np.matmul, (X, w)), ("X.T @ r", np.matmul, (X.T, r)), ("np.dot(X.T, r)", np.dot, (X.T, r)),
              ("ridge.data_gradient", ridge.data_gradient, (w, X, y)),
              ("data_gradient_dot", threads.data_gradient_dot, (w, X, y))]
-    print(f"GIL left free during the call (1 = free, 0 = held; {args.batch // 2} x {args.d}, BLAS=1):")
+    print(f"GIL left free during the call (1 = free, 0 = held; {args.batch[-1] // 2} x {args.d}, BLAS=1):")
     for name, fn, a in calls:
         print(f"  {name:22s} {threads.gil_free_fraction(fn, *a, repeat=args.repeat):5.2f}")
 
 
 def break_even_table(args):
-    be = threads.break_even(args.sizes, d=args.d, n_threads=2, repeat=args.repeat)
-    widths = (10, 12, 12, 9)
-    print(_row(("batch", "serial ms", "2 thr ms", "speedup"), widths))
-    for b, s, t in zip(be.batch_sizes, be.serial, be.threaded):
-        print(_row((b, f"{1e3 * s:.4f}", f"{1e3 * t:.4f}", f"{s / t:.2f}x"), widths))
-    print(f"break-even batch (2 threads faster from here on, d={args.d}, BLAS=1): {be.batch}")
+    runs = {name: threads.break_even(args.sizes, d=args.d, n_threads=2, repeat=args.repeat, grad_fn=fn)
+            for name, fn in (("@", ridge.data_gradient), ("np.dot", threads.data_gradient_dot))}
+    widths = (9, 11, 11, 8, 11, 11, 8)
+    print(_row(("batch", "@ serial", "@ 2 thr", "ratio", "dot serial", "dot 2 thr", "ratio"), widths))
+    at, dot = runs["@"], runs["np.dot"]
+    for i, b in enumerate(at.batch_sizes):
+        print(_row((b, *(f"{1e3 * x:.4f}" if j % 3 < 2 else f"{x:.2f}x"
+                         for j, x in enumerate((at.serial[i], at.threaded[i], at.serial[i] / at.threaded[i],
+                                                dot.serial[i], dot.threaded[i], dot.serial[i] / dot.threaded[i])))),
+                   widths))
+    print(f"times in ms per gradient (d={args.d}, BLAS=1); ratio = serial / 2 threads")
+    print(f"break-even batch (2 threads faster from there on): @ {at.batch}, np.dot {dot.batch}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=400_000, help="rows of the large NumPy batch")
+    p.add_argument("--batch", type=lambda s: [int(v) for v in s.split(",")], default=[100_000, 400_000],
+                   help="rows of the large NumPy batches, comma-separated")
     p.add_argument("--d", type=int, default=50, help="features")
     p.add_argument("--py-batch", type=int, default=4000, help="rows for the pure-Python gradient")
     p.add_argument("--py-d", type=int, default=20, help="features for the pure-Python gradient")
