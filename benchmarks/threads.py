@@ -11,8 +11,8 @@ Measures, in ONE run (so the ratios share the machine's load):
 
 Not a test: it prints a table. Example::
 
-    python benchmarks/threads.py                 # about a minute on 2 cores
-    python benchmarks/threads.py --batch 100000 --repeat 5
+    python benchmarks/threads.py                 # about 20 s on 2 cores
+    python benchmarks/threads.py --batch 100000,200000 --repeat 5
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def main(argv=None):
     p.add_argument("--py-d", type=int, default=20, help="features for the pure-Python gradient")
     p.add_argument("--threads", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4])
     p.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")],
-                   default=[256, 1024, 4096, 16384, 65536, 262144], help="batch sizes for the break-even")
+                   default=[256, 1024, 4096, 16384, 32768, 65536, 131072, 262144],
+                   help="batch sizes for the break-even")
     p.add_argument("--repeat", type=int, default=9, help="timed rounds per setting (median)")
     args = p.parse_args(argv)
     if args.threads[0] != 1:
