@@ -183,8 +183,8 @@ def _busy_python(seconds):
 
 def test_gil_free_fraction_tells_a_gil_holder_from_a_gil_releaser():
     # 2 ms of bytecode is shorter than the 5 ms switch interval: the counter thread cannot run.
-    held = threads.gil_free_fraction(_busy_python, 0.002, repeat=5)
-    free = threads.gil_free_fraction(time.sleep, 0.002, repeat=5)   # sleeping releases the GIL
+    held = threads.gil_free_fraction(_busy_python, 0.002, repeat=7)
+    free = threads.gil_free_fraction(time.sleep, 0.004, repeat=7)   # sleeping releases the GIL
     assert held < 0.3 < free
     assert _ours_alive() == []
 
