@@ -29,6 +29,9 @@ import numpy as np
 from ppu_lab import ridge
 from ppu_lab.timing import Timer
 
+# Seconds a failing rank waits, after writing its report, before it aborts the job.
+ABORT_GRACE = 0.5
+
 
 class RankError(RuntimeError):
     """Raised on every rank when one or more ranks failed a collective check.
@@ -116,9 +119,13 @@ def mpi_main(fn):
         if isinstance(exc, SystemExit) and not exc.code:
             raise
         comm = world()
-        traceback.print_exc()
-        print(f"rank {comm.Get_rank()}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        # One write, summary first: another rank's Abort may kill this process at any moment,
+        # and whatever part of the report got out must name the rank and the error.
+        summary = f"rank {comm.Get_rank()}: {type(exc).__name__}: {exc}"
+        sys.stderr.write(f"{summary}\n{traceback.format_exc()}{summary}\n")
+        sys.stderr.flush()
         sys.stdout.flush()
+        time.sleep(ABORT_GRACE)  # let the other failing ranks' reports reach mpiexec too
         comm.Abort(1)
 
 
