@@ -1,12 +1,25 @@
 """PPU Lab: parallel parameter updates for neural networks, taught in notebooks.
 
-Modules (each says which notebook explains it):
+Modules, and the notebook that explains each:
 
-- ``ppu_lab.config``   quick mode for tests, paths
-- ``ppu_lab.timing``   the one timer helper used everywhere
-- ``ppu_lab.data``     MNIST loader/downloader, synthetic ridge problems
-- ``ppu_lab.ridge``    the ridge objective, its gradient, serial minibatch SGD
-- ``ppu_lab.plotting`` figures (take and return a matplotlib Axes)
+- ``ppu_lab.config``       quick mode for tests (``PPU_LAB_QUICK``)
+- ``ppu_lab.timing``       the one timer helper used everywhere
+- ``ppu_lab.envcheck``     environment report with fixes                      (00)
+- ``ppu_lab.data``         MNIST loader/downloader, synthetic ridge problems  (01, 05-07)
+- ``ppu_lab.ridge``        ridge objective, gradient, serial minibatch SGD    (01)
+- ``ppu_lab.threads``      Method 1: threads, the GIL, Hogwild!               (02)
+- ``ppu_lab.cluster``      ipyparallel MPI engines that start, fail clearly and clean up (00, 03-07)
+- ``ppu_lab.collectives``  ping-pong, alpha-beta model, timing of collectives  (03)
+- ``ppu_lab.parallel``     Method 2: MPI data-parallel SGD, error handling     (04)
+- ``ppu_lab.models``       the ANN (NumPy, hand backprop) and the CNN (PyTorch) (05, 06)
+- ``ppu_lab.train``        data-parallel training of both models over MPI      (05, 06)
+- ``ppu_lab.ddp``          PyTorch DistributedDataParallel for comparison      (06)
+- ``ppu_lab.experiments``  the course's experiment grid, resumable results     (07)
+- ``ppu_lab.slurm``        the same engines and experiments through Slurm      (README, "Running on a cluster")
+- ``ppu_lab.plotting``     figures (take and return a matplotlib Axes)
+
+Submodules are imported on demand (``from ppu_lab import ridge``), so importing the
+package does not load MPI or PyTorch.
 """
 
 from ppu_lab.config import quick_mode
