@@ -35,8 +35,11 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+# Jupyter refuses root unless told; containers and VMs often run as root.
+LAB_ARGS := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 lab: $(STAMP)
-	$(RUN) $(BIN)/jupyter lab notebooks/
+	$(RUN) $(BIN)/jupyter lab $(LAB_ARGS) notebooks/
 
 test: $(STAMP)
 	$(RUN) PPU_LAB_QUICK=$${PPU_LAB_QUICK:-1} scripts/slurm/with-slurm.sh $(BIN)/python -m pytest tests notebooks \
