@@ -3,9 +3,9 @@
 Measures, in ONE run (so the ratios share the machine's load):
 
 1. seconds per data gradient with 1, 2, 4 threads, BLAS pinned to 1 thread per worker, for
-   the pure-Python loop, ``ridge.data_gradient`` (NumPy, ``@``) and ``data_gradient_dot``
-   (NumPy, ``np.dot``); then the NumPy gradient with BLAS's own threads left on as well
-   (Python threads x BLAS threads: oversubscription);
+   the pure-Python loop, ``ridge.data_gradient`` (NumPy, ``np.dot``) and
+   ``data_gradient_matmul`` (the same maths with ``@``); then the NumPy gradients with BLAS's
+   own threads left on as well (Python threads x BLAS threads: oversubscription);
 2. how much of each call leaves the GIL free (``threads.gil_free_fraction``);
 3. the break-even minibatch size: one gradient step in the calling thread vs 2 threads.
 
@@ -33,8 +33,8 @@ def scaling_table(args):
     cases = [("pure Python", threads.data_gradient_python, args.py_batch, args.py_d, 1)]
     for blas in (1, None):
         for b in args.batch:
-            cases += [("NumPy @ (ridge)", ridge.data_gradient, b, args.d, blas),
-                      ("NumPy np.dot", threads.data_gradient_dot, b, args.d, blas)]
+            cases += [("np.dot (ridge)", ridge.data_gradient, b, args.d, blas),
+                      ("NumPy @", threads.data_gradient_matmul, b, args.d, blas)]
     widths = (16, 14, 5, 8, 12, 9)
     print(_row(("gradient", "batch x d", "BLAS", "threads", "ms/gradient", "speedup"), widths))
     data = {}
@@ -56,9 +56,10 @@ def gil_table(args):
     Xp, yp, wp = rng.standard_normal((args.py_batch, args.py_d)), rng.standard_normal(args.py_batch), \
         rng.standard_normal(args.py_d)
     calls = [("pure-Python gradient", threads.data_gradient_python, (wp, Xp, yp)),
-             ("X @ w", np.matmul, (X, w)), ("X.T @ r", np.matmul, (X.T, r)), ("np.dot(X.T, r)", np.dot, (X.T, r)),
+             ("X @ w", np.matmul, (X, w)), ("np.dot(X, w)", np.dot, (X, w)),
+             ("X.T @ r", np.matmul, (X.T, r)), ("np.dot(X.T, r)", np.dot, (X.T, r)),
              ("ridge.data_gradient", ridge.data_gradient, (w, X, y)),
-             ("data_gradient_dot", threads.data_gradient_dot, (w, X, y))]
+             ("data_gradient_matmul", threads.data_gradient_matmul, (w, X, y))]
     print(f"GIL left free during the call (1 = free, 0 = held; {args.batch[-1] // 2} x {args.d}, BLAS=1):")
     for name, fn, a in calls:
         print(f"  {name:22s} {threads.gil_free_fraction(fn, *a, repeat=args.repeat):5.2f}")
@@ -66,17 +67,17 @@ def gil_table(args):
 
 def break_even_table(args):
     runs = {name: threads.break_even(args.sizes, d=args.d, n_threads=2, repeat=args.repeat, grad_fn=fn)
-            for name, fn in (("@", ridge.data_gradient), ("np.dot", threads.data_gradient_dot))}
+            for name, fn in (("np.dot", ridge.data_gradient), ("@", threads.data_gradient_matmul))}
     widths = (9, 11, 11, 8, 11, 11, 8)
-    print(_row(("batch", "@ serial", "@ 2 thr", "ratio", "dot serial", "dot 2 thr", "ratio"), widths))
-    at, dot = runs["@"], runs["np.dot"]
-    for i, b in enumerate(at.batch_sizes):
+    print(_row(("batch", "dot serial", "dot 2 thr", "ratio", "@ serial", "@ 2 thr", "ratio"), widths))
+    dot, at = runs["np.dot"], runs["@"]
+    for i, b in enumerate(dot.batch_sizes):
         print(_row((b, *(f"{1e3 * x:.4f}" if j % 3 < 2 else f"{x:.2f}x"
-                         for j, x in enumerate((at.serial[i], at.threaded[i], at.serial[i] / at.threaded[i],
-                                                dot.serial[i], dot.threaded[i], dot.serial[i] / dot.threaded[i])))),
+                         for j, x in enumerate((dot.serial[i], dot.threaded[i], dot.serial[i] / dot.threaded[i],
+                                                at.serial[i], at.threaded[i], at.serial[i] / at.threaded[i])))),
                    widths))
     print(f"times in ms per gradient (d={args.d}, BLAS=1); ratio = serial / 2 threads")
-    print(f"break-even batch (2 threads faster from there on): @ {at.batch}, np.dot {dot.batch}")
+    print(f"break-even batch (2 threads faster from there on): np.dot (ridge) {dot.batch}, @ {at.batch}")
 
 
 def main(argv=None):

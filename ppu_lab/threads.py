@@ -11,7 +11,9 @@ Three ways to use threads for SGD on the ridge objective of ``ppu_lab.ridge``:
                     without locks (``lock=False``) or with a lock around each update.
 - ``time_threads``, ``break_even``: the GIL, measured. A pure-Python gradient
                     (``data_gradient_python``) holds the GIL and gains nothing from threads;
-                    NumPy releases it inside its compiled kernels, so shards can overlap.
+                    NumPy releases it inside its compiled kernels, so shards can overlap
+                    (``np.dot`` in ``ridge.data_gradient`` does; ``data_gradient_matmul``,
+                    the same maths with ``@``, holds it for part of the call).
 
 Every threaded function reuses one executor per call and shuts it down (waiting for its
 threads) before returning or raising; an exception in a worker reaches the caller with
@@ -88,14 +90,15 @@ def data_gradient_python(w, X, y):
     return np.array(g)
 
 
-def data_gradient_dot(w, X, y):
-    """``ridge.data_gradient`` with ``np.dot`` instead of ``@``: the same BLAS calls, same numbers.
+def data_gradient_matmul(w, X, y):
+    """``ridge.data_gradient`` written with ``@`` instead of ``np.dot``: the same maths (bit for bit on contiguous arrays).
 
-    On the NumPy of this lab (2.x) ``X.T @ r`` keeps the GIL for much of the call while
-    ``np.dot(X.T, r)`` releases it (``gil_free_fraction``, notebook 02; see also
-    numpy/numpy#11821), so this variant lets both products of every shard overlap.
+    Used only for the GIL lesson of notebook 02: on the NumPy of this lab (2.x) ``X.T @ r``
+    holds the GIL for much of the call, while the ``np.dot`` of ``ridge.data_gradient``
+    releases it (``gil_free_fraction``; see also numpy/numpy#11821), so threads running
+    this variant overlap less.
     """
-    return -np.dot(X.T, y - np.dot(X, w))
+    return -(X.T @ (y - X @ w))                         # (d,)
 
 
 # --------------------------------------------------------------------------- synchronous

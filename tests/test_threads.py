@@ -25,12 +25,21 @@ def problem():
 
 
 # --------------------------------------------------------------------------- gradients
-@pytest.mark.parametrize("fn", [threads.data_gradient_python, threads.data_gradient_dot])
+@pytest.mark.parametrize("fn", [threads.data_gradient_python, threads.data_gradient_matmul])
 def test_gradient_variants_equal_ridge_data_gradient(fn):
     rng = np.random.default_rng(0)
     X, y, w = rng.standard_normal((57, 7)), rng.standard_normal(57), rng.standard_normal(7)
     np.testing.assert_allclose(fn(w, X, y), ridge.data_gradient(w, X, y), rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(fn(w, X[:0], y[:0]), np.zeros(7))     # empty shard gives zeros
+
+
+def test_matmul_variant_gives_the_same_bits_on_contiguous_shards():
+    # notebook 02 compares @ with the np.dot of ridge.data_gradient: same numbers, different GIL behaviour
+    rng = np.random.default_rng(1)
+    X, y, w = rng.standard_normal((3001, 50)), rng.standard_normal(3001), rng.standard_normal(50)
+    for rows in (slice(None), slice(1000, 2001), rng.permutation(3001)[:517]):
+        np.testing.assert_array_equal(threads.data_gradient_matmul(w, X[rows], y[rows]),
+                                      ridge.data_gradient(w, X[rows], y[rows]))
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 7])
