@@ -16,6 +16,12 @@ def _ax(ax):
     return ax if ax is not None else plt.gca()
 
 
+def _integer_ticks(ax):
+    """Worker/rank counts are integers: tick exactly the counts that were measured."""
+    data_lines = [ln for ln in ax.get_lines() if ln.get_transform() == ax.transData]  # not axhline
+    ax.set_xticks(sorted({int(v) for line in data_lines for v in line.get_xdata()}))
+
+
 def speedup(workers: Sequence[float], times: Sequence[float], ax=None, label: str = "measured",
             xlabel: str = "workers", ideal: bool = True, **style):
     """Speedup T(1)/T(p) against p, with the ideal line p (drawn once per Axes)."""
@@ -27,6 +33,7 @@ def speedup(workers: Sequence[float], times: Sequence[float], ax=None, label: st
     if ideal and not getattr(ax, "_ppu_ideal_drawn", False):
         ax.plot(workers, workers / workers.min(), "k--", lw=1, label="ideal")
         ax._ppu_ideal_drawn = True
+    _integer_ticks(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("speedup T(1) / T(p)")
     ax.legend()
@@ -43,9 +50,11 @@ def efficiency(workers: Sequence[float], times: Sequence[float], ax=None, label:
     base = times[np.argmin(workers)] * workers.min()
     ax.plot(workers, base / (workers * times), "o-", label=label, **style)
     ax.axhline(1.0, color="k", ls="--", lw=1)
+    _integer_ticks(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("parallel efficiency")
-    ax.set_ylim(0, 1.1)
+    top = max(float(np.nanmax(ln.get_ydata())) for ln in ax.get_lines())
+    ax.set_ylim(0, max(1.1, 1.05 * top))  # superlinear points (cache effects, noise) stay visible
     ax.legend()
     ax.grid(alpha=0.3)
     return ax
@@ -182,7 +191,7 @@ def _course_figure(results, ax, x, group, metric, model, batch_mode, xlabel, leg
     ax.set_ylabel(ylabel)
     ax.set_title(f"{model}, {batch_mode.replace('_', '-')} batch")
     if x == "ranks":
-        ax.set_xticks(sorted({int(v) for line in ax.get_lines() for v in line.get_xdata()}))
+        _integer_ticks(ax)
     ax.legend()
     ax.grid(alpha=0.3)
     return ax
@@ -227,14 +236,12 @@ def efficiency_vs_nodes(results, ax=None, model=None, batch_mode=None, metric="e
     results, model, batch_mode = _select(results, model, batch_mode)
     for b, (ranks, times) in results_series(results, "ranks", metric, "batch_size", model, batch_mode).items():
         efficiency(ranks, times, ax=ax, label=f"batch {b}", xlabel=NODES, **style)
-    top = max(float(np.nanmax(ln.get_ydata())) for ln in ax.get_lines())
-    ax.set_ylim(0, max(1.1, 1.05 * top))  # superlinear points (cache effects, noise) stay visible
     _node_axis(ax, model, batch_mode)
     return ax
 
 
 def _node_axis(ax, model, batch_mode):
-    ax.set_xticks(sorted({int(v) for line in ax.get_lines() for v in line.get_xdata()}))
+    _integer_ticks(ax)
     ax.set_title(f"{model}, {batch_mode.replace('_', '-')} batch")
 
 
