@@ -11,7 +11,7 @@ Measures, in ONE run (so the ratios share the machine's load):
 
 Not a test: it prints a table. Example::
 
-    python benchmarks/threads.py                 # about 20 s on 2 cores
+    python benchmarks/threads.py                 # 10-20 s on 2 cores
     python benchmarks/threads.py --batch 100000,200000 --repeat 5
 """
 
