@@ -221,11 +221,14 @@ def test_bad_arguments_raise_value_error():
         MPICluster(n=2, timeout=0)
 
 
-def test_preflight_is_cached():
-    preflight(2)
-    t0 = time.perf_counter()
-    preflight(2)
-    assert time.perf_counter() - t0 < 0.05
+def test_preflight_is_cached(monkeypatch):
+    first = preflight(2)
+
+    def no_more_processes(*args, **kwargs):
+        raise AssertionError(f"preflight started a process again: {args[0] if args else kwargs}")
+
+    monkeypatch.setattr(cluster.subprocess, "run", no_more_processes)
+    assert preflight(2)["mpiexec"] == first["mpiexec"]
 
 
 # ----------------------------------------------------------------------------- envcheck (notebook 00)
