@@ -117,6 +117,17 @@ def amdahl(workers: Sequence[float], serial_fraction: float, ax=None, label: str
     return ax
 
 
+def oversubscribed(cores: int, ax=None, label: str = "more ranks than cores"):
+    """Shade the part of a ranks axis beyond ``cores``: timings there measure the scheduler, not the method."""
+    ax = _ax(ax)
+    lo, hi = ax.get_xlim()
+    if hi > cores + 0.5:
+        ax.axvspan(cores + 0.5, hi, color="0.9", zorder=0, label=label)
+        ax.set_xlim(lo, hi)
+        ax.legend()
+    return ax
+
+
 def sweep(x: Sequence[float], values: Sequence[float], xlabel: str, ylabel: str, ax=None,
           label: str | None = None, logx: bool = False, logy: bool = False, **style):
     """A measured quantity against a swept parameter (batch size, lambda, step h), markers and line."""
@@ -360,7 +371,7 @@ def collective_costs(rows, model=None, ax=None, keys=("allreduce", "scatter_allg
                                 label=f"{names[key]}, p={p}")
             if model is not None and predict[key]:
                 ax.loglog(m, 1e6 * getattr(model, predict[key])(m, p), "--", color=line.get_color(),
-                          alpha=line.get_alpha(), label=f"model, p={p}")
+                          alpha=line.get_alpha(), label=f"{names[key]} model, p={p}")
     ax.set_xlabel("message size per rank (bytes)")
     ax.set_ylabel("time per sum (µs)")
     ax.legend(fontsize=7, ncol=2)
