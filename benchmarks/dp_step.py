@@ -138,28 +138,18 @@ def run_grid(ranks, steps, repeats, warmup, timeout):
 def table(rows) -> str:
     ps = sorted(rows)
     p1 = ps[0]
-    lines = []
-    w = rows[p1]["per_rank_64"]
-    s = rows[p1]["global_512"]
-    lines.append("CNN data-parallel step, median ms per step (rank 0); one thread per rank")
-    lines.append("")
-    lines.append("per-rank batch 64 (weak scaling: global batch 64 p)")
-    lines.append(f"{'ranks':>5} {'ppu_lab':>9} {'minimal':>9} {'DDP':>9} {'DDP/ppu':>8} "
-                 f"{'eff ppu':>8} {'eff min':>8} {'eff DDP':>8}")
-    for p in ps:
-        r = rows[p]["per_rank_64"]
-        lines.append(f"{p:>5} {1e3 * r['ppu_lab']:>9.2f} {1e3 * r['minimal']:>9.2f} {1e3 * r['DDP']:>9.2f} "
-                     f"{r['DDP'] / r['ppu_lab']:>8.2f} {w['ppu_lab'] / r['ppu_lab']:>8.2f} "
-                     f"{w['minimal'] / r['minimal']:>8.2f} {w['DDP'] / r['DDP']:>8.2f}")
-    lines.append("")
-    lines.append("global batch 512 (strong scaling: 512 / p per rank)")
-    lines.append(f"{'ranks':>5} {'ppu_lab':>9} {'minimal':>9} {'DDP':>9} {'DDP/ppu':>8} "
-                 f"{'S ppu':>8} {'S min':>8} {'S DDP':>8}")
-    for p in ps:
-        r = rows[p]["global_512"]
-        lines.append(f"{p:>5} {1e3 * r['ppu_lab']:>9.2f} {1e3 * r['minimal']:>9.2f} {1e3 * r['DDP']:>9.2f} "
-                     f"{r['DDP'] / r['ppu_lab']:>8.2f} {s['ppu_lab'] / r['ppu_lab']:>8.2f} "
-                     f"{s['minimal'] / r['minimal']:>8.2f} {s['DDP'] / r['DDP']:>8.2f}")
+    lines = ["CNN data-parallel step, median ms per step (rank 0); one thread per rank"]
+    tables = [("per_rank_64", "per-rank batch 64 (weak scaling: global batch 64 p)", "eff"),
+              ("global_512", "global batch 512 (strong scaling: 512 / p per rank)", "S")]
+    for key, title, ratio in tables:  # both ratios are T(1) / T(p): efficiency (weak) or speedup (strong)
+        base = rows[p1][key]
+        lines += ["", title, f"{'ranks':>5} {'ppu_lab':>9} {'minimal':>9} {'DDP':>9} {'DDP/ppu':>8} "
+                             f"{ratio + ' ppu':>8} {ratio + ' min':>8} {ratio + ' DDP':>8}"]
+        for p in ps:
+            r = rows[p][key]
+            lines.append(f"{p:>5} {1e3 * r['ppu_lab']:>9.2f} {1e3 * r['minimal']:>9.2f} {1e3 * r['DDP']:>9.2f} "
+                         f"{r['DDP'] / r['ppu_lab']:>8.2f} {base['ppu_lab'] / r['ppu_lab']:>8.2f} "
+                         f"{base['minimal'] / r['minimal']:>8.2f} {base['DDP'] / r['DDP']:>8.2f}")
     lines.append("")
     lines.append("DDP/ppu > 1: ppu_lab's step is faster (DDP/ppu = ppu_lab's throughput relative to DDP). "
                  "eff = T(1)/T(p); S = T(1)/T(p).")
