@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from ppu_lab.config import quick_mode
-from ppu_lab.parallel import world
+from ppu_lab.parallel import abort_job, world
 
 SCHEMA = 1
 MODELS = ("ann", "cnn")
@@ -475,9 +475,8 @@ def run_grid(grid, out, *, comm=None, data=None, data_root=None, train_fn=None, 
                 err, rec = _one_run(cfg, sub, full, train_fn, machine, progress) if rank < p else (None, None)
                 # A rank whose run failed waits a bounded time for the others, then aborts the job.
                 if not _quiet_barrier(comm, time.monotonic() + abort_after if err else None):
-                    print(f"rank {rank}: run {cfg.label} failed and the other ranks did not finish: "
-                          f"aborting the job. {err}", file=sys.stderr, flush=True)
-                    comm.Abort(1)
+                    abort_job(f"rank {rank}: run {cfg.label} failed and the other ranks did not finish: "
+                              f"aborting the job. {err}", comm)
                 errors = [e for e in comm.allgather(err) if e]
                 if errors:
                     raise RuntimeError(f"run {cfg.label}, {p} ranks, batch {cfg.batch_size} "

@@ -7,6 +7,7 @@ Generic primitives (also used by the MNIST models, notebooks 05-07):
 - ``check_all(ok, message, comm)`` collective check: raise ``RankError`` on every rank if any failed
 - ``allreduce_sum(buf, comm)``     in-place ``Allreduce(SUM)`` on a contiguous NumPy buffer
 - ``mpi_main(fn)``                 for scripts under ``mpiexec``: an uncaught exception aborts the job
+- ``abort_job(report, comm)``      write a report to stderr, then end the whole job (``Abort``)
 
 Ridge SGD on p ranks, equal to ``ridge.sgd`` to rounding error: ``sgd_scatter_allgather``
 (the course's design) and ``sgd_allreduce`` (no data movement, one Allreduce per step);
@@ -119,14 +120,22 @@ def mpi_main(fn):
         if isinstance(exc, SystemExit) and not exc.code:
             raise
         comm = world()
-        # One write, summary first: another rank's Abort may kill this process at any moment,
-        # and whatever part of the report got out must name the rank and the error.
         summary = f"rank {comm.Get_rank()}: {type(exc).__name__}: {exc}"
-        sys.stderr.write(f"{summary}\n{traceback.format_exc()}{summary}\n")
-        sys.stderr.flush()
-        sys.stdout.flush()
-        time.sleep(ABORT_GRACE)  # let the other failing ranks' reports reach mpiexec too
-        comm.Abort(1)
+        abort_job(f"{summary}\n{traceback.format_exc()}{summary}", comm)
+
+
+def abort_job(report: str, comm=None, code: int = 1):
+    """Write ``report`` to stderr and end the whole MPI job (``Abort``), so that no rank hangs.
+
+    One write, summary first: another rank's Abort may kill this process at any moment, and
+    whatever part of the report got out must name the rank and the error. Then a short pause,
+    because mpiexec drops output that a process wrote just before the job was torn down.
+    """
+    sys.stderr.write(report.rstrip("\n") + "\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    time.sleep(ABORT_GRACE)
+    world(comm).Abort(code)
 
 
 # =========================================================================== data-parallel ridge SGD
