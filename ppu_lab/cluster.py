@@ -47,6 +47,21 @@ __all__ = ["MPICluster", "ClusterError", "OversubscribeWarning", "preflight", "f
 LAUNCHERS: dict[str, type] = {}
 
 
+# MPICH's UCX netmod sometimes fails in MPI_Init: a rank rejects a peer's address ("invalid
+# bandwidth 0.00") and the job dies at start-up (pmodels/mpich#7417, also seen in mpi4py's CI).
+# It is not our bug and a second start works; the OFI netmod avoids UCX altogether.
+TRANSIENT_MPI_INIT_SIGNATURE = "UCX  ERROR failed to unpack address"
+TRANSIENT_MPI_INIT_HINT = (
+    "MPI start-up failed with a known intermittent MPICH/UCX error (pmodels/mpich#7417). "
+    "It is not caused by your code; if it keeps happening, set MPIR_CVAR_CH4_NETMOD=ofi."
+)
+
+
+def transient_mpi_init_failure(output: str) -> bool:
+    """True when ``output`` (a job's or engines' output) shows the known MPICH/UCX start-up failure."""
+    return TRANSIENT_MPI_INIT_SIGNATURE in (output or "")
+
+
 class ClusterError(RuntimeError):
     """The MPI cluster could not start, or stopped working; the message says what to do."""
 
@@ -383,7 +398,20 @@ class MPICluster:
         return self.cluster is not None
 
     def start(self) -> "MPICluster":
-        """Preflight, start the controller and ``n`` engines, wait for them, order them by rank."""
+        """Preflight, start the controller and ``n`` engines, wait for them, order them by rank.
+
+        A start that dies of the known intermittent MPICH/UCX start-up failure
+        (``transient_mpi_init_failure``) is retried once, with a warning.
+        """
+        try:
+            return self._start()
+        except ClusterError as exc:
+            if not transient_mpi_init_failure(str(exc)):
+                raise
+            warnings.warn(f"{TRANSIENT_MPI_INIT_HINT} Retrying the start once.", RuntimeWarning, stacklevel=2)
+            return self._start()
+
+    def _start(self) -> "MPICluster":
         if self.running:
             return self
         import ipyparallel as ipp
@@ -473,7 +501,14 @@ class MPICluster:
 
     def _order_by_rank(self) -> None:
         ids = sorted(self.client.ids)
-        info = self.client[ids].apply_sync(_rank_info)
+        try:
+            info = self.client[ids].apply_sync(_rank_info)  # the engines' first MPI call: MPI_Init
+        except Exception as exc:  # noqa: BLE001 - an engine that dies in MPI_Init: say so, with its output
+            time.sleep(1)  # let the dying engines' last words reach their output
+            raise ClusterError(
+                f"An MPI engine failed while initialising MPI ({type(exc).__name__}: {exc}).\n"
+                f"--- engine output\n{self._engine_output()}"
+            ) from exc
         by_rank = sorted(zip(info, ids))
         ranks = [r for (r, _), _ in by_rank]
         sizes = {s for (_, s), _ in by_rank}

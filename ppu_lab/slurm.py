@@ -173,11 +173,16 @@ def _check_options(n, partition, time, account, nodes, extra, mpi):
 
 
 def launch_prefix(n: int, mpi: str = "pmi2", mpiexec: str | None = None) -> str:
-    """The command that starts ``n`` ranks inside the job: ``srun --mpi=pmi2`` or ``mpiexec -n n``."""
+    """The command that starts ``n`` ranks inside the job: ``srun --mpi=pmi2`` or ``mpiexec -n n``.
+
+    ``srun`` gets ``--kill-on-bad-exit=1``: by default Slurm lets the other tasks run on when one
+    dies, and MPI ranks whose peer died at start-up wait for it until the time limit. (mpiexec
+    already ends the whole job when a rank fails.)
+    """
     if mpi == "mpiexec":
         exe = mpiexec or find_mpiexec() or "mpiexec"
         return f"{shlex.quote(exe)} -n {n}"
-    return "srun" if mpi == "none" else f"srun --mpi={mpi}"
+    return "srun" if mpi == "none" else f"srun --mpi={mpi} --kill-on-bad-exit=1"
 
 
 def batch_script(command: str, n: int, *, partition=None, time="00:30:00", account=None, nodes=None,

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from ppu_lab.cluster import transient_mpi_init_failure
+
 ROOT = Path(__file__).resolve().parents[1]
 MPI_SCRIPTS = ROOT / "tests" / "mpi"
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist-10k"
@@ -46,6 +48,9 @@ def mpirun(mpiexec):
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+            if proc.returncode != 0 and transient_mpi_init_failure(proc.stdout + proc.stderr):
+                # MPICH/UCX start-up flake (see ppu_lab.cluster), not the code under test: once more.
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
         except subprocess.TimeoutExpired as exc:
             out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
             err = (exc.stderr or b"").decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")

@@ -268,3 +268,33 @@ def test_envcheck_names_a_missing_package(monkeypatch):
     assert not item.ok and "missing" in item.value and "pip install xyz" in item.fix
     old = envcheck.check_package("numpy", "999.0", "pip install 'numpy>=999'")
     assert not old.ok and "needs >= 999.0" in old.fix
+
+
+def test_start_retries_once_after_the_known_mpich_ucx_startup_failure(monkeypatch):
+    calls = []
+
+    def flaky_start(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ClusterError("The MPI engines exited before registering\n--- engine output\n"
+                               "[vm:387:0] address.c:985  UCX  ERROR failed to unpack address, invalid bandwidth 0.00")
+        return self
+
+    monkeypatch.setattr(MPICluster, "_start", flaky_start)
+    cl = MPICluster(n=2)
+    with pytest.warns(RuntimeWarning, match="pmodels/mpich#7417"):
+        assert cl.start() is cl
+    assert len(calls) == 2
+
+
+def test_start_does_not_retry_other_failures(monkeypatch):
+    calls = []
+
+    def broken_start(self):
+        calls.append(1)
+        raise ClusterError("Only 1 of 2 MPI engines registered within 60 s.")
+
+    monkeypatch.setattr(MPICluster, "_start", broken_start)
+    with pytest.raises(ClusterError, match="Only 1 of 2"):
+        MPICluster(n=2).start()
+    assert len(calls) == 1
