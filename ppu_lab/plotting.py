@@ -233,20 +233,20 @@ def accuracy_vs_nodes(results, ax=None, model=None, batch_mode=None, **style):
 
 def speedup_vs_nodes(results, ax=None, model=None, batch_mode=None, metric="epoch_time", **style):
     """Speedup T(1)/T(p) of the time per iteration against the nodes, one line per batch size, with the ideal."""
-    ax = _ax(ax)
-    results, model, batch_mode = _select(results, model, batch_mode)
-    for b, (ranks, times) in results_series(results, "ranks", metric, "batch_size", model, batch_mode).items():
-        speedup(ranks, times, ax=ax, label=f"batch {b}", xlabel=NODES, **style)
-    _node_axis(ax, model, batch_mode)
-    return ax
+    return _scaling_vs_nodes(speedup, results, ax, model, batch_mode, metric, **style)
 
 
 def efficiency_vs_nodes(results, ax=None, model=None, batch_mode=None, metric="epoch_time", **style):
     """Parallel efficiency T(1)/(p T(p)) against the nodes, one line per batch size, with the ideal 1."""
+    return _scaling_vs_nodes(efficiency, results, ax, model, batch_mode, metric, **style)
+
+
+def _scaling_vs_nodes(draw, results, ax, model, batch_mode, metric, **style):
+    """One ``draw`` (speedup or efficiency) line per batch size, from saved results."""
     ax = _ax(ax)
     results, model, batch_mode = _select(results, model, batch_mode)
     for b, (ranks, times) in results_series(results, "ranks", metric, "batch_size", model, batch_mode).items():
-        efficiency(ranks, times, ax=ax, label=f"batch {b}", xlabel=NODES, **style)
+        draw(ranks, times, ax=ax, label=f"batch {b}", xlabel=NODES, **style)
     _node_axis(ax, model, batch_mode)
     return ax
 
