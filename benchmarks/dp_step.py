@@ -11,7 +11,13 @@ and global batch 512 (strong scaling: 512 / p per rank) -- it times, alternating
 
 - ``ppu_lab``: ``ppu_lab.train.train("cnn", ...)`` itself (one flat preallocated gradient buffer, the
   parameters' ``.grad`` are views into it, one Allreduce per step, one vector update);
-- ``minimal``: the same step written as a bare loop (no bookkeeping at all): the floor for ppu_lab;
+- ``minimal``: the same SGD written as a bare loop (no checks, timers per phase, history, progress bar):
+  the floor for ppu_lab. To be a fair floor it does the work ppu_lab must do and nothing else: it draws
+  this rank's shard of a fresh random global minibatch every step (the same permutation as ppu_lab's,
+  gathered with ``np.take`` into buffers allocated once), puts the summed loss in the Allreduce buffer's
+  last slot, and applies the L2 decay (lam = 5) with the step (lr = 0.01 on J/N, as ppu_lab and DDP
+  here). An earlier version reused one pre-gathered contiguous batch, read no loss and had no decay: it
+  skipped the gather (~0.03-0.3 ms a step, more with a cold cache) and one pass over the parameters.
 - ``DDP``: ``ppu_lab.ddp.train_ddp`` (DistributedDataParallel over gloo, bucketed all-reduce overlapped
   with backward, ``torch.optim.SGD``).
 
@@ -34,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [("per_rank", 64), ("global", 512)]
+LR, LAM = 0.01, 5.0  # side_by_side's lr and train's default lam: minimal runs the same SGD
 
 
 # --------------------------------------------------------------------------- worker (under mpiexec)
@@ -47,40 +54,62 @@ def _data(global_batch, steps_per_epoch=8, seed=0):
     return x, y, x[:10], y[:10]
 
 
-def _minimal_steps(data, global_batch, steps, comm):
-    """The leanest flat-buffer Allreduce step: what ppu_lab must match."""
+def _minimal_steps(data, global_batch, steps, comm, lr=LR, lam=LAM):
+    """The leanest flat-buffer Allreduce step of the same SGD as ppu_lab's: what ppu_lab must match.
+
+    Same work per step as ``train``, nothing more: this rank's shard of the step's random global
+    minibatch (``minibatches``, the same permutation as ppu_lab's) gathered into buffers allocated
+    once, forward, summed loss, backward into the flat gradient buffer whose last slot carries the
+    loss, one Allreduce, then the L2 decay and the step on the flat parameter vector.
+    """
     import numpy as np
     import torch
     from mpi4py import MPI
 
     from ppu_lab.models import make_cnn
     from ppu_lab.parallel import shard_bounds
+    from ppu_lab.ridge import minibatches
 
     torch.manual_seed(0)
     net = make_cnn()
     params = list(net.parameters())
-    flat = torch.zeros(sum(p.numel() for p in params))
-    grad = torch.zeros_like(flat)
+    n_params = sum(p.numel() for p in params)
+    flat = torch.zeros(n_params)
+    grad = torch.zeros(n_params + 1)  # gradient sum, then the loss sum
     o = 0
     for p in params:
         k = p.numel()
         flat[o:o + k].copy_(p.data.reshape(-1))
         p.data, p.grad = flat[o:o + k].view_as(p), grad[o:o + k].view_as(p)
         o += k
-    g = grad.numpy()
+    g, gsum = grad.numpy(), grad[:-1]
+    x_all = np.ascontiguousarray(data[0], dtype=np.float32).reshape(-1, 1, 28, 28)
+    y_all = np.ascontiguousarray(data[1], dtype=np.int64)
+    n = len(y_all)
+    decay = 1.0 - lr * lam / n * torch.cat([torch.full((p.numel(),), float(p.dim() > 1)) for p in params])
     ce = torch.nn.CrossEntropyLoss(reduction="sum")
     rank, size = comm.Get_rank(), comm.Get_size()
-    lo, hi = shard_bounds(global_batch, size, rank)
-    x = torch.from_numpy(data[0][:global_batch].reshape(-1, 1, 28, 28))[lo:hi].contiguous()
-    y = torch.from_numpy(data[1][:global_batch])[lo:hi].contiguous()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        grad.zero_()
-        ce(net(x), y).backward()
-        comm.Allreduce(MPI.IN_PLACE, g, op=MPI.SUM)
-        flat.add_(grad, alpha=-0.1 / global_batch)
-        times.append(time.perf_counter() - t0)
+    cap = -(-global_batch // size)
+    xb, yb = np.empty((cap, 1, 28, 28), dtype=np.float32), np.empty(cap, dtype=np.int64)
+    xt, yt = torch.from_numpy(xb), torch.from_numpy(yb)
+    times, epoch = [], 0
+    while len(times) < steps:
+        epoch += 1
+        for idx in minibatches(n, global_batch, 0, epoch):
+            t0 = time.perf_counter()
+            lo, hi = shard_bounds(len(idx), size, rank)
+            k = hi - lo
+            np.take(x_all, idx[lo:hi], axis=0, out=xb[:k], mode="clip")
+            np.take(y_all, idx[lo:hi], out=yb[:k], mode="clip")
+            grad.zero_()
+            loss = ce(net(xt[:k]), yt[:k])
+            loss.backward()
+            g[-1] = loss.item()
+            comm.Allreduce(MPI.IN_PLACE, g, op=MPI.SUM)
+            flat.mul_(decay).add_(gsum, alpha=-lr / len(idx))
+            times.append(time.perf_counter() - t0)
+            if len(times) == steps:
+                break
     return times
 
 
@@ -99,7 +128,7 @@ def worker(args):
         data = _data(global_batch)
         minimal = {"minimal": lambda c: _minimal_steps(data, global_batch, args.steps, c)}
         results[f"{mode}_{batch}"] = side_by_side(data, batch_size=batch, batch_mode=mode, steps=args.steps,
-                                                  warmup=args.warmup, repeats=args.repeats, comm=comm,
+                                                  lr=LR, warmup=args.warmup, repeats=args.repeats, comm=comm,
                                                   extra=minimal)
     if comm.Get_rank() == 0:
         Path(args.out).write_text(json.dumps({"ranks": size, "results": results}))

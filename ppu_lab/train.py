@@ -185,7 +185,7 @@ def _train(model_name, data, hidden, lam, lr, batch_size, batch_mode, global_bat
 
     if design == "allreduce":
         comm_step = _make_allreduce(grad, comm)
-        get_shard = _local_shard(x_tr, y_tr, size, rank)
+        get_shard = _local_shard(x_tr, y_tr, size, rank, global_batch)
     else:
         comm_step = _make_allgather(grad, comm, size)
         get_shard = _scatter_shard(x_tr, y_tr, comm, size, rank, global_batch)
@@ -282,13 +282,34 @@ def _make_allgather(grad, comm, size):
     return step
 
 
-def _local_shard(x, y, size, rank):
+def _local_shard(x, y, size, rank, global_batch):
+    """This rank's rows of each global minibatch, gathered into two buffers allocated once.
+
+    ``np.take(..., out=)`` into a preallocated buffer: no allocation per step, and about 5x faster than
+    indexing a torch tensor with a NumPy index array (which converts the index and allocates the
+    batch every step). The returned ``(X, y)`` are overwritten by the next call.
+    """
     from ppu_lab.parallel import shard_bounds
+
+    is_torch = not isinstance(x, np.ndarray)
+    x_np = x.numpy() if is_torch else x
+    cap = -(-global_batch // size)  # the largest shard: ceil(global_batch / size)
+    buf_x = np.empty((cap,) + x_np.shape[1:], dtype=x_np.dtype)
+    buf_y = np.empty(cap, dtype=y.dtype)
+    if is_torch:
+        import torch
+
+        out_x, out_y = torch.from_numpy(buf_x), torch.from_numpy(buf_y)  # views: no copy
+    else:
+        out_x, out_y = buf_x, buf_y
 
     def get(idx):
         lo, hi = shard_bounds(len(idx), size, rank)
-        mine = idx[lo:hi]
-        return x[mine], y[mine]
+        k = hi - lo
+        mine = idx[lo:hi]  # a permutation's entries: always in range, so mode="clip" changes nothing
+        np.take(x_np, mine, axis=0, out=buf_x[:k], mode="clip")  # mode="raise" would buffer the copy
+        np.take(y, mine, out=buf_y[:k], mode="clip")
+        return out_x[:k], out_y[:k]
 
     return get
 
@@ -296,7 +317,7 @@ def _local_shard(x, y, size, rank):
 def _scatter_shard(x, y, comm, size, rank, global_batch):
     """The course's design: rank 0 packs the minibatch and Scatterv's it; others receive their shard."""
     if comm is None:
-        return _local_shard(x, y, 1, 0)
+        return _local_shard(x, y, 1, 0, global_batch)
     from ppu_lab.parallel import shard_counts
 
     is_torch = not isinstance(x, np.ndarray)
