@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from ppu_lab.ridge import DivergenceError, minibatches
-from ppu_lab.train import DEFAULT_LR, DIVERGENCE_LOSS, TrainResult, _check_args, evaluate_accuracy
+from ppu_lab.train import DEFAULT_LR, DIVERGENCE_LOSS, TrainResult, _check_args, evaluate_accuracy, record_epoch
 
 
 def free_port(addr: str = "127.0.0.1") -> int:
@@ -146,11 +146,8 @@ def train_ddp(data, *, lam=5.0, lr=None, batch_size=100, batch_mode="global", ep
                 raise DivergenceError(f"DDP training diverged in epoch {epoch} (lr={lr:g}): lower lr and retrain.")
             with torch.no_grad():
                 acc = evaluate_accuracy(_Eval, x_te, y_te, comm) if evaluate else float("nan")
-            history.append({"epoch": epoch, "train_loss": totals[0] / seen, "test_accuracy": acc,
-                            "epoch_time": epoch_time, "complete": seen == n})
-            if progress and rank == 0:
-                bar.write(f"DDP epoch {epoch}: train loss {totals[0] / seen:.4f}, test accuracy {acc:.4f}, "
-                          f"{epoch_time:.2f} s")
+            record_epoch(history, epoch, totals[0], seen, n, acc, epoch_time,
+                         bar if progress and rank == 0 else None, label="DDP epoch")
             if step == total_steps:
                 break
     finally:

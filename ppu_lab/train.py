@@ -231,11 +231,7 @@ def _train(model_name, data, hidden, lam, lr, batch_size, batch_mode, global_bat
                 raise DivergenceError(f"training diverged in epoch {epoch}: non-finite parameters "
                                       f"(lr={lr:g}); lower lr and retrain.")
             acc = evaluate_accuracy(m, x_te, y_te, comm) if evaluate else float("nan")
-            history.append({"epoch": epoch, "train_loss": loss_sum / seen, "test_accuracy": acc,
-                            "epoch_time": epoch_time, "complete": seen == n})
-            if progress and rank == 0:
-                bar.write(f"epoch {epoch}: train loss {loss_sum / seen:.4f}, test accuracy {acc:.4f}, "
-                          f"{epoch_time:.2f} s")
+            record_epoch(history, epoch, loss_sum, seen, n, acc, epoch_time, bar if progress and rank == 0 else None)
             if step == total_steps:
                 break
     finally:
@@ -348,6 +344,15 @@ def _mpi_type(a):
     from mpi4py import MPI
 
     return MPI._typedict[a.dtype.char]
+
+
+def record_epoch(history, epoch, loss_sum, seen, n, acc, epoch_time, bar=None, label="epoch"):
+    """Append one epoch's entry to ``history`` (the format ``TrainResult.history`` documents) and,
+    given rank 0's progress ``bar``, log it there. Shared by ``train`` and ``ppu_lab.ddp``."""
+    history.append({"epoch": epoch, "train_loss": loss_sum / seen, "test_accuracy": acc,
+                    "epoch_time": epoch_time, "complete": seen == n})
+    if bar is not None:
+        bar.write(f"{label} {epoch}: train loss {loss_sum / seen:.4f}, test accuracy {acc:.4f}, {epoch_time:.2f} s")
 
 
 def evaluate_accuracy(m, x_test, y_test, comm=None) -> float:
