@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ppu_lab.checks import integer
+
 try:  # POSIX (Linux, macOS). Without it the download still works, only unlocked.
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -325,22 +327,14 @@ def load_mnist(root=None, download: bool = True):
 
 
 # ----------------------------------------------------------------------------- ridge
-def _check_int(name, value, what):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer, float, np.floating)):
-        raise ValueError(f"{name} ({what}) must be an integer >= 1; got {value!r}")
-    if not np.isfinite(value) or int(value) != value or value < 1:
-        raise ValueError(f"{name} ({what}) must be an integer >= 1; got {value!r}")
-    return int(value)
-
-
 def make_ridge_data(n, d, noise=0.1, seed=0):
     """A synthetic regression problem y = X w_true + noise with a known ``w_true``.
 
     Rows of X are standard normal (well conditioned for n >> d); the noise is Gaussian with
     standard deviation ``noise``. Returns ``(X, y, w_true)`` with shapes (n, d), (n,), (d,).
     """
-    n = _check_int("n", n, "number of samples")
-    d = _check_int("d", d, "number of features")
+    n = integer("n (number of samples)", n, 1)
+    d = integer("d (number of features)", d, 1)
     try:
         ok = bool(np.isfinite(noise) and noise >= 0)
     except TypeError:

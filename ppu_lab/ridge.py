@@ -20,11 +20,12 @@ batches, so small batches need smaller steps (``minibatch_lipschitz``).
 
 from __future__ import annotations
 
-import numbers
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from ppu_lab.checks import integer, real, start_weights
 
 # J may grow this many times above its reference value before SGD is declared divergent.
 DIVERGENCE_FACTOR = 1e6
@@ -35,30 +36,6 @@ class DivergenceError(ValueError):
 
 
 # --------------------------------------------------------------------------- checks
-def _number(name, value, hint=""):
-    """``value`` as a float, or a ValueError naming ``name``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.ndarray)):
-        raise ValueError(f"{name} must be a real number{hint}; got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a real number{hint}; got {value!r}") from None
-
-
-def _integer(name, value, low, high=None, what=""):
-    """``value`` as an int in [low, high], or a ValueError naming ``name``."""
-    bound = f"between {low} and {high}" if high is not None else f">= {low}"
-    message = f"{name} must be an integer {bound}{what}; got {value!r}"
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise ValueError(message)
-    if not np.isfinite(value) or int(value) != value:
-        raise ValueError(message)
-    value = int(value)
-    if value < low or (high is not None and value > high):
-        raise ValueError(message)
-    return value
-
-
 def check_problem(X, y, lam=None, w=None):
     """Validate shapes and values; return float arrays. Raises ValueError naming the argument."""
     try:
@@ -81,7 +58,7 @@ def check_problem(X, y, lam=None, w=None):
     if not np.all(np.isfinite(y)):
         raise ValueError("y contains NaN or inf: clean or impute the data first")
     if lam is not None:
-        lam_f = _number("lam (the L2 weight)", lam)
+        lam_f = real("lam (the L2 weight)", lam)
         if not (np.isfinite(lam_f) and lam_f >= 0):
             raise ValueError(f"lam (the L2 weight) must be finite and >= 0; got {lam}")
     if w is not None:
@@ -102,15 +79,15 @@ def check_sgd_args(n, lr, batch_size, epochs, *, seed=None, lr_decay=None):
 
     Returns ``(batch_size, epochs)`` as Python ints (callers may ignore it).
     """
-    lr_f = _number("lr (learning rate)", lr)
+    lr_f = real("lr (learning rate)", lr)
     if not (np.isfinite(lr_f) and lr_f > 0):
         raise ValueError(f"lr (learning rate) must be finite and > 0; got {lr}")
-    b = _integer("batch_size", batch_size, 1, int(n), f" (the number of samples is {n})")
-    e = _integer("epochs", epochs, 0)
+    b = integer("batch_size", batch_size, 1, int(n), f" (the number of samples is {n})")
+    e = integer("epochs", epochs, 0)
     if seed is not None:
-        _integer("seed", seed, 0)
+        integer("seed", seed, 0)
     if lr_decay is not None:
-        d = _number("lr_decay", lr_decay)
+        d = real("lr_decay", lr_decay)
         if not (np.isfinite(d) and d >= 0):
             raise ValueError(f"lr_decay must be finite and >= 0 (0 keeps lr constant); got {lr_decay}")
     return b, e
@@ -208,7 +185,7 @@ def minibatch_lipschitz(X, lam, batch_size, seed=0, max_batches=256):
     """
     X = np.asarray(X, dtype=float)
     n = X.shape[0]
-    b = _integer("batch_size", batch_size, 1, n, f" (the number of samples is {n})")
+    b = integer("batch_size", batch_size, 1, n, f" (the number of samples is {n})")
     if b == 1:                                          # lambda_max(x x^T) = ||x||^2
         return n * float(np.max(np.einsum("ij,ij->i", X, X))) + float(lam)
     batches = minibatches(n, b, seed, 0)[:max_batches]
@@ -222,9 +199,9 @@ def minibatches(n, batch_size, seed, epoch):
     (no sample is dropped). Parallel code calls this with the same arguments on every
     worker and so draws the same global minibatches as serial SGD.
     """
-    n = _integer("n (number of samples)", n, 0)
-    b = _integer("batch_size", batch_size, 1)
-    perm = np.random.default_rng([_integer("seed", seed, 0), _integer("epoch", epoch, 0)]).permutation(n)
+    n = integer("n (number of samples)", n, 0)
+    b = integer("batch_size", batch_size, 1)
+    perm = np.random.default_rng([integer("seed", seed, 0), integer("epoch", epoch, 0)]).permutation(n)
     return [perm[i:i + b] for i in range(0, n, b)]
 
 
@@ -272,12 +249,7 @@ def sgd(X, y, lam, lr, batch_size, epochs, seed=0, w0=None, *, lr_decay=0.0):
     lam = float(lam)
     n, d = X.shape
     batch_size, epochs = check_sgd_args(n, lr, batch_size, epochs, seed=seed, lr_decay=lr_decay)
-    if w0 is None:
-        w = np.zeros(d)
-    else:
-        w = np.array(w0, dtype=float)                   # a copy: the caller's w0 is not touched
-        if w.shape != (d,) or not np.all(np.isfinite(w)):
-            raise ValueError(f"w0 (starting weights) must be finite with shape ({d},); got shape {w.shape}")
+    w = start_weights(w0, d)                            # a copy: the caller's w0 is not touched
     J0 = _objective(w, X, y, lam)
     J_ref = max(J0, 0.5 * float(y @ y))                 # = J0 when starting from zeros
     history = {"epoch": [0], "J": [J0], "time": [0.0]}

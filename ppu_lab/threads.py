@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ppu_lab import ridge
-from ppu_lab.parallel import shard_bounds
+from ppu_lab.checks import start_weights
+from ppu_lab.mpi import shard_bounds
 from ppu_lab.ridge import SGDResult, combine, data_gradient, minibatches, sgd_step
 from ppu_lab.timing import Timer
 
@@ -61,15 +62,6 @@ def check_grad_fn(grad_fn):
         raise ValueError(f"grad_fn must be a callable grad_fn(w, X, y) returning the summed data gradient "
                          f"(e.g. ppu_lab.ridge.data_gradient); got {type(grad_fn).__name__} {grad_fn!r}")
     return grad_fn
-
-
-def _check_w0(w0, d):
-    if w0 is None:
-        return np.zeros(d)
-    w = np.array(w0, dtype=float)                       # a copy: the caller's w0 is not touched
-    if w.shape != (d,) or not np.all(np.isfinite(w)):
-        raise ValueError(f"w0 (starting weights) must be finite with shape ({d},); got shape {w.shape}")
-    return w
 
 
 # --------------------------------------------------------------------------- gradients
@@ -158,7 +150,7 @@ def sgd_threads(X, y, lam, lr, batch_size, epochs, seed=0, n_threads=2, w0=None,
     batch_size, epochs = ridge.check_sgd_args(n, lr, batch_size, epochs, seed=seed, lr_decay=lr_decay)
     k = check_n_threads(n_threads, batch_size)
     check_grad_fn(grad_fn)
-    w = _check_w0(w0, d)
+    w = start_weights(w0, d)
     J0 = ridge.objective(w, X, y, lam)
     J_ref = max(J0, 0.5 * float(y @ y))                 # as ridge.sgd
     history = {"epoch": [0], "J": [J0], "time": [0.0], "updates": [0]}
@@ -231,7 +223,7 @@ def hogwild(X, y, lam, lr, batch_size, epochs, n_threads=2, lock=False, seed=0, 
     check_grad_fn(grad_fn)
     if isinstance(snapshots, bool) or not isinstance(snapshots, (int, np.integer)) or snapshots < 1:
         raise ValueError(f"snapshots (how many copies of w to record) must be an integer >= 1; got {snapshots!r}")
-    w = _check_w0(w0, d)                                 # THE shared vector
+    w = start_weights(w0, d)                                 # THE shared vector
     perm = np.random.default_rng(seed).permutation(n)
     shards = [perm[slice(*shard_bounds(n, k, t))] for t in range(k)]
     guard = threading.Lock() if lock else nullcontext()
