@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from ppu_lab import collectives as C  # noqa: E402
 from ppu_lab.config import quick_mode  # noqa: E402
-from ppu_lab.parallel import mpi_main  # noqa: E402
+from ppu_lab.mpi import mpi_main  # noqa: E402
 
 
 def main(argv=None):

@@ -67,7 +67,7 @@ def _minimal_steps(data, global_batch, steps, comm, lr=LR, lam=LAM):
     from mpi4py import MPI
 
     from ppu_lab.models import make_cnn
-    from ppu_lab.parallel import shard_bounds
+    from ppu_lab.mpi import shard_bounds
     from ppu_lab.ridge import minibatches
 
     torch.manual_seed(0)
@@ -117,7 +117,7 @@ def worker(args):
     import torch
 
     from ppu_lab.ddp import side_by_side
-    from ppu_lab.parallel import world
+    from ppu_lab.mpi import world
 
     torch.set_num_threads(1)
     comm = world()
@@ -202,7 +202,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        from ppu_lab.parallel import mpi_main
+        from ppu_lab.mpi import mpi_main
 
         return mpi_main(lambda: worker(args))
     if args.steps <= args.warmup:

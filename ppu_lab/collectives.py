@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ppu_lab.parallel import world
+from ppu_lab.mpi import world
 
 #: Gradient-sized messages (floats) for the benchmark; 28,938 is the CNN of notebook 06.
 GRADIENT_SIZES = (8_192, 28_938, 65_536, 262_144, 1_048_576)
@@ -309,7 +309,7 @@ def compare_sums_over_ranks(sizes=GRADIENT_SIZES, ranks=(2,), comm=None, **kwarg
     Collective over ``comm``; the rows of every ``p`` are returned on rank 0 (``None`` elsewhere).
     One set of engines serves every rank count (notebook 03).
     """
-    from ppu_lab.parallel import first_ranks
+    from ppu_lab.mpi import first_ranks
 
     comm = world(comm)
     rows = []

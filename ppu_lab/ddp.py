@@ -42,7 +42,7 @@ def init_from_mpi(comm=None, backend: str = "gloo", addr: str = "127.0.0.1", tim
 
     import torch.distributed as dist
 
-    from ppu_lab.parallel import world
+    from ppu_lab.mpi import world
 
     comm = world(comm)
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -80,7 +80,7 @@ def train_ddp(data, *, lam=5.0, lr=None, batch_size=100, batch_mode="global", ep
     from tqdm import tqdm
 
     from ppu_lab.models import make_cnn
-    from ppu_lab.parallel import shard_bounds, world
+    from ppu_lab.mpi import shard_bounds, world
 
     comm = world(comm)
     rank, size = init_from_mpi(comm)
@@ -170,7 +170,7 @@ def side_by_side(data, *, batch_size, batch_mode="global", steps=30, warmup=5, r
     """
     import statistics
 
-    from ppu_lab.parallel import world
+    from ppu_lab.mpi import world
     from ppu_lab.train import train
 
     comm = world(comm)
@@ -195,7 +195,7 @@ def side_by_side_over_ranks(data, ranks, *, batch_size, batch_mode="global", com
     Returns on every rank a list of ``{"ranks": p, "ppu_lab": s, "DDP": s}`` (seconds per step).
     One set of MPI engines (of the largest size) serves every p. Notebook 06.
     """
-    from ppu_lab.parallel import first_ranks, sleeping_barrier, world
+    from ppu_lab.mpi import first_ranks, sleeping_barrier, world
 
     comm = world(comm)
     rows = []
@@ -216,7 +216,7 @@ def main(argv=None):
 
     from ppu_lab.config import pick
     from ppu_lab.data import load_mnist
-    from ppu_lab.parallel import mpi_main, world
+    from ppu_lab.mpi import mpi_main, world
     from ppu_lab.train import train
 
     ap = argparse.ArgumentParser(description=main.__doc__)

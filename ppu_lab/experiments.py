@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from ppu_lab.config import quick_mode
-from ppu_lab.parallel import abort_job, world
+from ppu_lab.mpi import abort_job, sleeping_barrier, world
 
 SCHEMA = 1
 MODELS = ("ann", "cnn")
@@ -321,21 +321,6 @@ def machine_info(comm=None) -> dict:
 
 
 # --------------------------------------------------------------------------- collectives
-def _quiet_barrier(comm, deadline: float | None = None) -> bool:
-    """Barrier that sleeps instead of spinning (idle ranks must not steal the cores of busy ones).
-
-    Returns False if ``deadline`` (``time.monotonic()`` value) passed first.
-    """
-    req = comm.Ibarrier()
-    delay = 1e-4
-    while not req.Test():
-        if deadline is not None and time.monotonic() > deadline:
-            return False
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
-    return True
-
-
 def _agree(comm, fn, *args, root_only=False):
     """Run ``fn`` (on rank 0 only if ``root_only``); if it raised anywhere, raise it on every rank."""
     err, value = None, None
@@ -474,7 +459,9 @@ def run_grid(grid, out, *, comm=None, data=None, data_root=None, train_fn=None, 
             for cfg in cfgs:
                 err, rec = _one_run(cfg, sub, full, train_fn, machine, progress) if rank < p else (None, None)
                 # A rank whose run failed waits a bounded time for the others, then aborts the job.
-                if not _quiet_barrier(comm, time.monotonic() + abort_after if err else None):
+                try:
+                    sleeping_barrier(comm, **({"timeout": abort_after} if err else {}))
+                except TimeoutError:
                     abort_job(f"rank {rank}: run {cfg.label} failed and the other ranks did not finish: "
                               f"aborting the job. {err}", comm)
                 errors = [e for e in comm.allgather(err) if e]
@@ -838,7 +825,7 @@ def launch(n: int, *args: str, timeout: float | None = None, echo: bool = True) 
 
 
 if __name__ == "__main__":
-    from ppu_lab.parallel import mpi_main
+    from ppu_lab.mpi import mpi_main
 
     _args = build_parser().parse_args()  # --help and usage errors before MPI starts
     sys.exit(mpi_main(lambda: _main(_args)))

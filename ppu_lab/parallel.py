@@ -1,146 +1,35 @@
-"""Data-parallel SGD with MPI (notebook 04): the kernels of ``ppu_lab.ridge``, communication at the edge.
+"""Method 2 on the ridge objective (notebook 04): data-parallel minibatch SGD over MPI.
 
-Generic primitives (also used by the MNIST models, notebooks 05-07):
+Two designs, each one short step function whose collectives you can read, and a thin wrapper
+(``sgd_*``) that validates the input on every rank, loops over the epochs and turns a failure on
+one rank into an error on all of them:
 
-- ``shard_bounds(n, size, rank)``  balanced contiguous split of ``n`` items over ``size`` ranks
-- ``world(comm)``                  ``comm`` or ``MPI.COMM_WORLD``
-- ``check_all(ok, message, comm)`` collective check: raise ``RankError`` on every rank if any failed
-- ``allreduce_sum(buf, comm)``     in-place ``Allreduce(SUM)`` on a contiguous NumPy buffer
-- ``mpi_main(fn)``                 for scripts under ``mpiexec``: an uncaught exception aborts the job
-- ``abort_job(report, comm)``      write a report to stderr, then end the whole job (``Abort``)
+- ``scatter_allgather_step`` / ``sgd_scatter_allgather``: the course's design. Rank 0 holds the data,
+  ``Scatterv``s each minibatch's rows, every rank computes the gradient of its shard, ``Allgather``
+  puts all shard gradients on every rank, which adds them up.
+- ``allreduce_step`` / ``sgd_allreduce``: no data movement. Every rank holds the data and draws the
+  same minibatch from the shared seed; one ``Allreduce`` of the shard gradients per step.
 
-Ridge SGD on p ranks, equal to ``ridge.sgd`` to rounding error: ``sgd_scatter_allgather``
-(the course's design) and ``sgd_allreduce`` (no data movement, one Allreduce per step);
-``time_steps``, ``first_ranks`` and ``amdahl_fit`` for the scaling study of notebook 04.
+Both reuse ``ppu_lab.ridge``'s kernels (``data_gradient``, ``combine``, ``sgd_step``,
+``minibatches``) unchanged, and give ``ridge.sgd``'s weights to rounding error on any number of
+ranks. The generic MPI helpers (``shard_bounds``, ``check_all``, ...) are in ``ppu_lab.mpi``.
+``time_steps`` runs a design on the first p ranks for the scaling study of notebook 04.
 
 Every function that takes ``comm`` is collective: all ranks of ``comm`` must call it.
-mpi4py is imported lazily, so ``shard_bounds`` works without MPI.
 """
 
 from __future__ import annotations
 
-import sys
 import time
-import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ppu_lab import ridge
-from ppu_lab.timing import Timer
-
-# Seconds a failing rank waits, after writing its report, before it aborts the job.
-ABORT_GRACE = 0.5
-
-
-class RankError(RuntimeError):
-    """Raised on every rank when one or more ranks failed a collective check.
-
-    ``failures`` maps each failing rank to its message; ``size`` is the number of ranks.
-    """
-
-    def __init__(self, failures: dict[int, str], size: int | None = None):
-        self.failures = dict(sorted(failures.items()))
-        self.size = size
-        by_message: dict[str, list[int]] = {}
-        for r, m in self.failures.items():
-            by_message.setdefault(m, []).append(r)
-        lines = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {m}"
-                          for m, rs in by_message.items())
-        of = f" of {size}" if size is not None else ""
-        super().__init__(f"{len(self.failures)}{of} rank(s) failed: {lines}")
-
-
-def world(comm=None):
-    """``comm``, or ``MPI.COMM_WORLD`` when it is None."""
-    if comm is not None:
-        return comm
-    from mpi4py import MPI
-
-    return MPI.COMM_WORLD
-
-
-def shard_bounds(n: int, size: int, rank: int) -> tuple[int, int]:
-    """Rows ``[lo, hi)`` of rank ``rank`` in a balanced contiguous split of ``n`` rows over ``size`` ranks.
-
-    The first ``n % size`` ranks get one row more; shard sizes differ by at most 1 and
-    the shards cover ``0..n`` exactly once. When ``n < size`` the last ranks get empty
-    shards; callers that need every rank to hold data check ``n >= size`` themselves.
-    """
-    if int(n) != n or n < 0:
-        raise ValueError(f"n (number of items to split) must be an integer >= 0; got {n}")
-    if int(size) != size or size < 1:
-        raise ValueError(f"size (number of ranks) must be an integer >= 1; got {size}")
-    if int(rank) != rank or not 0 <= rank < size:
-        raise ValueError(f"rank must be an integer in [0, size={size}); got {rank}")
-    base, extra = divmod(int(n), int(size))
-    lo = int(rank) * base + min(int(rank), extra)
-    return lo, lo + base + (1 if rank < extra else 0)
-
-
-def shard_counts(n: int, size: int) -> np.ndarray:
-    """Shard sizes of all ranks (``hi - lo`` of ``shard_bounds``), as an int array of length ``size``."""
-    return np.array([hi - lo for lo, hi in (shard_bounds(n, size, r) for r in range(size))], dtype=int)
-
-
-def check_all(ok: bool, message: str, comm=None) -> None:
-    """Collective check: if any rank passes ``ok=False``, raise ``RankError`` on every rank.
-
-    Costs one Allreduce of a flag when all is well; the messages are gathered only on failure.
-    """
-    from mpi4py import MPI
-
-    comm = world(comm)
-    flag = np.array([0 if ok else 1], dtype=np.int32)
-    comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.SUM)
-    if flag[0]:
-        messages = comm.allgather(None if ok else str(message))  # small Python objects: lowercase
-        raise RankError({r: m for r, m in enumerate(messages) if m is not None}, comm.Get_size())
-
-
-def allreduce_sum(buf: np.ndarray, comm=None) -> None:
-    """Sum ``buf`` over all ranks in place (buffer-based ``Allreduce``; ``buf`` must be contiguous)."""
-    from mpi4py import MPI
-
-    if not isinstance(buf, np.ndarray) or not buf.flags.c_contiguous:
-        raise ValueError("allreduce_sum needs a C-contiguous numpy array: use np.ascontiguousarray(buf)")
-    world(comm).Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-
-
-def mpi_main(fn):
-    """Run ``fn()`` in a script started by ``mpiexec``; return its result.
-
-    An uncaught exception prints its traceback and ``rank r: <message>`` to stderr, then
-    calls ``COMM_WORLD.Abort(1)`` so that no other rank waits forever in a collective.
-    """
-    try:
-        return fn()
-    except BaseException as exc:  # noqa: BLE001 - anything, SystemExit included, must end the job
-        if isinstance(exc, SystemExit) and not exc.code:
-            raise
-        comm = world()
-        summary = f"rank {comm.Get_rank()}: {type(exc).__name__}: {exc}"
-        abort_job(f"{summary}\n{traceback.format_exc()}{summary}", comm)
-
-
-def abort_job(report: str, comm=None, code: int = 1):
-    """Write ``report`` to stderr and end the whole MPI job (``Abort``), so that no rank hangs.
-
-    One write, summary first: another rank's Abort may kill this process at any moment, and
-    whatever part of the report got out must name the rank and the error. Then a short pause,
-    because mpiexec drops output that a process wrote just before the job was torn down.
-    """
-    sys.stderr.write(report.rstrip("\n") + "\n")
-    sys.stderr.flush()
-    sys.stdout.flush()
-    time.sleep(ABORT_GRACE)
-    world(comm).Abort(code)
-
-
-# =========================================================================== data-parallel ridge SGD
-# The kernels (data_gradient, combine, sgd_step, minibatches) are ridge's, unchanged;
-# only the wrappers below take a ``comm``.
+from ppu_lab.checks import start_weights
+from ppu_lab.mpi import (RankError, allreduce_sum, check_all, check_everywhere, first_ranks, shard_bounds,
+                         shard_counts, shard_displs, sleeping_barrier, world)
+from ppu_lab.timing import Timer, no_timer
 
 
 class RankInputError(RankError, ValueError):
@@ -182,22 +71,82 @@ class ParallelSGDResult(ridge.SGDResult):
                 "total": float(np.median(self.compute + self.comm))}
 
 
-def _check_collectively(check, comm, error=RankInputError):
-    """Run ``check()`` on every rank; if it raised anywhere, raise ``error`` on all ranks with the messages."""
-    try:
-        value, ok, message = check(), True, ""
-    except Exception as exc:  # noqa: BLE001 - any failure must reach every rank, not hang them
-        value, ok = None, False
-        message = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
-    _check_all(ok, message, comm, error)
-    return value
+# =========================================================================== the two steps
+def allreduce_step(w, X, y, idx, lam, n, lr, comm, buf, shard_gradient=ridge.data_gradient, timer=no_timer):
+    """One SGD step of the Allreduce design; returns the new weights, the same on every rank.
+
+    Every rank knows the minibatch ``idx`` (drawn from the shared seed) and holds X, y.
+    ``buf``: a preallocated (d,) float64 buffer for the Allreduce.
+    """
+    from mpi4py import MPI
+
+    with timer("compute"):
+        lo, hi = shard_bounds(len(idx), comm.Get_size(), comm.Get_rank())
+        buf[:] = shard_gradient(w, X[idx[lo:hi]], y[idx[lo:hi]])      # (d,) sum over my shard
+    with timer("comm"):
+        comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)                  # (d,) sum over the batch
+    with timer("update"):
+        return ridge.sgd_step(w, ridge.combine(w, buf, lam, n, len(idx)), lr)
 
 
-def _check_all(ok, message, comm, error):
-    try:
-        check_all(ok, message, comm)
-    except RankError as exc:
-        raise error(exc.failures, exc.size) from None
+def scatter_allgather_step(w, XY, idx, nb, lam, n, lr, comm, gathered, shard_gradient=ridge.data_gradient,
+                           timer=no_timer):
+    """One SGD step of the course's design; returns the new weights, the same on every rank.
+
+    Rank 0 holds ``XY = [X | y]`` (n, d+1) and the minibatch ``idx``; the others pass None for both
+    and know only the batch length ``nb``. ``gathered``: a preallocated (p, d) buffer.
+    """
+    from mpi4py import MPI
+
+    p, rank, d = comm.Get_size(), comm.Get_rank(), w.size
+    counts = shard_counts(nb, p) * (d + 1)                             # numbers per rank
+    shard = np.empty((counts[rank] // (d + 1), d + 1))                 # my rows of [X | y]
+    with timer("comm"):
+        rows = [XY[idx], counts, shard_displs(counts), MPI.DOUBLE] if rank == 0 else None
+        comm.Scatterv(rows, shard, root=0)                             # rank r gets shard r
+    with timer("compute"):
+        g = shard_gradient(w, shard[:, :d], shard[:, d])               # (d,) sum over my shard
+    with timer("comm"):
+        comm.Allgather(np.ascontiguousarray(g), gathered)              # (p, d) every shard's sum
+    with timer("update"):
+        total = gathered.sum(axis=0)                                   # same order: same sum everywhere
+        return ridge.sgd_step(w, ridge.combine(w, total, lam, n, nb), lr)
+
+
+# =========================================================================== the wrappers
+class _Guard:
+    """This rank's shard gradient, turned into NaN when it fails: the collective carries the NaN to
+    every rank, so all of them stop in the same step (``fail``) instead of some waiting forever."""
+
+    NOT_FINITE = "the gradient of this rank's shard"
+
+    def __init__(self):
+        self.ok, self.message = True, ""
+
+    def __call__(self, w, X, y):
+        try:
+            g = ridge.data_gradient(w, X, y)                           # (d,)
+            if not np.all(np.isfinite(g)):
+                self.ok, self.message = False, f"{self.NOT_FINITE} ({len(y)} rows) is not finite"
+            return g
+        except Exception as exc:  # noqa: BLE001 - reported on every rank through the NaN
+            self.ok, self.message = False, f"{type(exc).__name__}: {exc}"
+            return np.full(w.shape, np.nan)
+
+    def fail(self, comm, where):
+        """On every rank, after non-finite weights: name the ranks whose shard failed, and raise.
+
+        An exception on some rank -> ``RankError``; only non-finite shard gradients ->
+        ``NonFiniteGradientError``; all shards finite but the update not -> ``ridge.DivergenceError``.
+        """
+        try:
+            check_all(self.ok, self.message, comm)
+        except RankError as exc:
+            if all(m.startswith(self.NOT_FINITE) for m in exc.failures.values()):
+                raise NonFiniteGradientError(exc.failures, exc.size, where) from None
+            raise
+        raise ridge.DivergenceError(f"the update became non-finite at {where} although every rank's shard "
+                                    "gradient was finite: SGD is diverging: choose a smaller lr")
 
 
 def _setup(X, y, lam, lr, batch_size, epochs, seed, w0, lr_decay, comm, holds_data):
@@ -206,7 +155,7 @@ def _setup(X, y, lam, lr, batch_size, epochs, seed, w0, lr_decay, comm, holds_da
     ``holds_data``: whether this rank's X and y are used (all ranks for Allreduce, rank 0 for Scatter).
     Raises ``RankInputError`` (a ValueError) on every rank when any rank's input is bad.
     """
-    rank, size = comm.Get_rank(), comm.Get_size()
+    size = comm.Get_size()
 
     def local():
         args = (float(lam), float(lr), int(batch_size), int(epochs), int(seed), float(lr_decay))
@@ -214,13 +163,13 @@ def _setup(X, y, lam, lr, batch_size, epochs, seed, w0, lr_decay, comm, holds_da
             Xc, yc = ridge.check_problem(X, y, lam)
             n, d = Xc.shape
             ridge.check_sgd_args(n, lr, batch_size, epochs, seed=seed, lr_decay=lr_decay)
-            w = np.zeros(d) if w0 is None else ridge.check_problem(Xc, yc, lam, w0)[2].copy()
+            w = start_weights(w0, d)
             # A cheap fingerprint: every rank must hold the same data for the designs to agree.
             key = (n, d, float(Xc.sum()), float(yc.sum()))
             return Xc, yc, w, key, args
         return None, None, None, None, args
 
-    Xc, yc, w, key, args = _check_collectively(local, comm)
+    Xc, yc, w, key, args = check_everywhere(local, comm, RankInputError)
     root = comm.bcast((args, key, None if w is None else w), root=0)  # small Python objects
 
     def agree():
@@ -239,25 +188,9 @@ def _setup(X, y, lam, lr, batch_size, epochs, seed, w0, lr_decay, comm, holds_da
                              f"every rank needs at least one row of each minibatch; use batch_size >= {size} "
                              "or fewer ranks")
 
-    _check_collectively(agree, comm)
+    check_everywhere(agree, comm, RankInputError)
     n, d = root[1][:2]
     return Xc, yc, root[2].copy(), n, d
-
-
-def _first_failure(ok, message, comm, what):
-    """After a non-finite global gradient, on every rank: name the ranks whose local part failed.
-
-    An exception on some rank -> ``RankError``; only non-finite shard gradients ->
-    ``NonFiniteGradientError``; all shards finite but their sum not -> ``ridge.DivergenceError``.
-    """
-    try:
-        check_all(ok, message, comm)
-    except RankError as exc:
-        if all(m.startswith(_NOT_FINITE) for m in exc.failures.values()):
-            raise NonFiniteGradientError(exc.failures, exc.size, what) from None
-        raise
-    raise ridge.DivergenceError(f"the summed gradient became non-finite at {what} although every rank's "
-                                "shard gradient was finite: SGD is diverging, choose a smaller lr")
 
 
 def _epoch_end(w, J_part, J_ref, lr, lam, epoch, X, comm, history, start, batch_size):
@@ -279,35 +212,17 @@ def _epoch_end(w, J_part, J_ref, lr, lam, epoch, X, comm, history, start, batch_
     raise ridge.DivergenceError(comm.bcast(message, root=0) or f"SGD diverged at epoch {epoch}: J(w) = {J:.3g}")
 
 
-_NOT_FINITE = "the gradient of this rank's shard"
-
-
-def _local_gradient(w, Xs, ys):
-    """This rank's shard gradient, or (NaN, message) when it failed: the NaN then reaches every rank."""
-    try:
-        g = ridge.data_gradient(w, Xs, ys)                 # (d,)
-        if np.all(np.isfinite(g)):
-            return g, True, ""
-        return g, False, f"{_NOT_FINITE} ({len(ys)} rows) is not finite"
-    except Exception as exc:  # noqa: BLE001 - reported on every rank through the NaN
-        return np.full(w.shape, np.nan), False, f"{type(exc).__name__}: {exc}"
-
-
 def sgd_allreduce(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, w0=None, *, lr_decay=0.0):
     """Data-parallel minibatch SGD, the better design: no data movement, one Allreduce per step.
 
-    Every rank holds the whole data set (the same X, y), draws the same global minibatch
-    from the shared ``seed`` (``ridge.minibatches``), takes its contiguous shard by
-    ``shard_bounds`` and computes ``ridge.data_gradient`` on it; one in-place
-    ``Allreduce(SUM)`` of the (d,) shard gradients gives the batch gradient on every rank,
-    which applies the same ``ridge.combine`` and ``ridge.sgd_step``. Same seed, same
-    weights as ``ridge.sgd`` to rounding error, for any number of ranks.
+    Every rank holds the whole data set (the same X, y), draws the same global minibatch from the
+    shared ``seed`` (``ridge.minibatches``) and runs ``allreduce_step``. Same seed, same weights as
+    ``ridge.sgd`` to rounding error, for any number of ranks.
 
-    Collective over ``comm`` (default COMM_WORLD). Bad input on any rank raises
-    ``RankInputError`` (a ValueError naming the rank) on every rank; a failure inside a
-    step turns that rank's gradient into NaN, which the Allreduce carries to all ranks,
-    and every rank then raises ``RankError`` with the failing rank's message.
-    Returns ``ParallelSGDResult`` (explained in notebook 04).
+    Collective over ``comm`` (default COMM_WORLD). Bad input on any rank raises ``RankInputError``
+    (a ValueError naming the rank) on every rank; a failure inside a step turns that rank's
+    gradient into NaN, which the Allreduce carries to all ranks, and every rank then raises
+    ``RankError`` with the failing rank's message. Returns ``ParallelSGDResult`` (notebook 04).
     """
     comm = world(comm)
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -319,22 +234,14 @@ def sgd_allreduce(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, w0=None,
     start = time.perf_counter()
     J0 = _epoch_end(w, J_part(w), np.inf, lr, lam, 0, X, comm, history, start, batch_size)
     J_ref = max(J0, 0.5 * float(y @ y))
-    timer = Timer()
-    buf = np.empty(d)                                       # (d,) contiguous Allreduce buffer
+    timer, guard, buf = Timer(), _Guard(), np.empty(d)     # buf: the (d,) Allreduce buffer
     with np.errstate(over="ignore", invalid="ignore"):
         for epoch in range(1, epochs + 1):
             rate = ridge.learning_rate(lr, epoch, lr_decay)
             for step, idx in enumerate(ridge.minibatches(n, batch_size, seed, epoch)):
-                with timer("compute"):
-                    lo, hi = shard_bounds(len(idx), size, rank)
-                    g, ok, message = _local_gradient(w, X[idx[lo:hi]], y[idx[lo:hi]])
-                    buf[:] = g
-                with timer("comm"):
-                    allreduce_sum(buf, comm)
-                with timer("update"):
-                    if not np.all(np.isfinite(buf)):
-                        _first_failure(ok, message, comm, f"epoch {epoch}, step {step}")
-                    w = ridge.sgd_step(w, ridge.combine(w, buf, lam, n, len(idx)), rate)
+                w = allreduce_step(w, X, y, idx, lam, n, rate, comm, buf, guard, timer)
+                if not np.all(np.isfinite(w)):             # the same w on every rank: all stop here
+                    guard.fail(comm, f"epoch {epoch}, step {step}")
             _epoch_end(w, J_part(w), J_ref, lr, lam, epoch, X, comm, history, start, batch_size)
     return _result(w, history, timer, size, "allreduce")
 
@@ -343,17 +250,13 @@ def sgd_scatter_allgather(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, 
     """Data-parallel minibatch SGD, the course's design: rank 0 scatters each minibatch.
 
     Rank 0 holds the data (other ranks may pass ``X=None, y=None``; rank 0 keeps a packed copy
-    ``[X | y]`` of shape (n, d+1) for the duration of the call), draws the minibatch
-    (``ridge.minibatches``) and ``Scatterv``s its rows, packed as ``[X | y]``, in
-    contiguous shards of sizes ``shard_counts(|B|, p)`` (uneven when p does not divide
-    |B|). Each rank computes ``ridge.data_gradient`` of its shard; ``Allgather`` puts all
-    p shard gradients in a (p, d) buffer on every rank; every rank sums them in rank order,
-    applies ``ridge.combine`` and ``ridge.sgd_step``: the same update everywhere.
+    ``[X | y]`` of shape (n, d+1) for the duration of the call) and draws the minibatches
+    (``ridge.minibatches``); every step is ``scatter_allgather_step``: ``Scatterv`` of the rows in
+    shards of ``shard_counts(|B|, p)`` (uneven when p does not divide |B|), the shard gradients,
+    ``Allgather``, and the same sum and update on every rank.
 
     Errors are handled as in ``sgd_allreduce``. Returns ``ParallelSGDResult`` (notebook 04).
     """
-    from mpi4py import MPI
-
     comm = world(comm)
     rank, size = comm.Get_rank(), comm.Get_size()
     X, y, w, n, d = _setup(X, y, lam, lr, batch_size, epochs, seed, w0, lr_decay, comm, holds_data=rank == 0)
@@ -364,34 +267,17 @@ def sgd_scatter_allgather(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, 
     start = time.perf_counter()
     J0 = _epoch_end(w, J_part(w), np.inf, lr, lam, 0, X, comm, history, start, batch_size)
     J_ref = comm.bcast(max(J0, 0.5 * float(y @ y)) if rank == 0 else None, root=0)
-    timer = Timer()
-    gathered = np.empty((size, d))                          # (p, d) shard gradients, rank order
-    sizes = {}                                              # batch length -> (counts, displacements)
+    timer, guard, gathered = Timer(), _Guard(), np.empty((size, d))  # gathered: (p, d) shard gradients
     with np.errstate(over="ignore", invalid="ignore"):
         for epoch in range(1, epochs + 1):
-            # Only rank 0 needs the indices; every rank knows the batch lengths (B, ..., B, rest).
-            batches = ridge.minibatches(n, batch_size, seed, epoch) if rank == 0 else \
-                [range(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
             rate = ridge.learning_rate(lr, epoch, lr_decay)
-            for step, idx in enumerate(batches):
-                nb = len(idx)
-                if nb not in sizes:
-                    counts = shard_counts(nb, size) * (d + 1)
-                    sizes[nb] = (counts, np.concatenate([[0], np.cumsum(counts)[:-1]]))
-                counts, displs = sizes[nb]
-                shard = np.empty((counts[rank] // (d + 1), d + 1))   # (rows, d+1)
-                with timer("comm"):
-                    send = [XY[idx], counts, displs, MPI.DOUBLE] if rank == 0 else None
-                    comm.Scatterv(send, shard, root=0)
-                with timer("compute"):
-                    g, ok, message = _local_gradient(w, shard[:, :d], shard[:, d])
-                with timer("comm"):
-                    comm.Allgather(np.ascontiguousarray(g), gathered)
-                with timer("update"):
-                    total = gathered.sum(axis=0)            # same order, same result on every rank
-                    if not np.all(np.isfinite(total)):
-                        _first_failure(ok, message, comm, f"epoch {epoch}, step {step}")
-                    w = ridge.sgd_step(w, ridge.combine(w, total, lam, n, nb), rate)
+            # Only rank 0 needs the indices; every rank knows the batch lengths (B, ..., B, rest).
+            lengths = [min(batch_size, n - lo) for lo in range(0, n, batch_size)]
+            batches = ridge.minibatches(n, batch_size, seed, epoch) if rank == 0 else [None] * len(lengths)
+            for step, (idx, nb) in enumerate(zip(batches, lengths)):
+                w = scatter_allgather_step(w, XY, idx, nb, lam, n, rate, comm, gathered, guard, timer)
+                if not np.all(np.isfinite(w)):             # the same w on every rank: all stop here
+                    guard.fail(comm, f"epoch {epoch}, step {step}")
             _epoch_end(w, J_part(w), J_ref, lr, lam, epoch, X, comm, history, start, batch_size)
     return _result(w, history, timer, size, "scatter_allgather")
 
@@ -408,27 +294,6 @@ DESIGNS = {"scatter_allgather": sgd_scatter_allgather, "allreduce": sgd_allreduc
 
 
 # =========================================================================== scaling runs (notebook 04)
-@contextmanager
-def first_ranks(p: int, comm=None):
-    """Context: a communicator of the first ``p`` ranks of ``comm`` (``None`` on the others).
-
-    Collective over ``comm`` (``comm.Split``): one cluster of the largest size serves
-    runs on 1, 2, ... ranks without restarting engines. The sub-communicator is freed on exit.
-    """
-    from mpi4py import MPI
-
-    comm = world(comm)
-    size = comm.Get_size()
-    ok = isinstance(p, (int, np.integer)) and not isinstance(p, bool) and 1 <= p <= size
-    check_all(ok, f"p (number of ranks to use) must be an integer in [1, {size}]; got {p!r}", comm)
-    sub = comm.Split(0 if comm.Get_rank() < p else MPI.UNDEFINED, comm.Get_rank())
-    try:
-        yield None if sub == MPI.COMM_NULL else sub
-    finally:
-        if sub != MPI.COMM_NULL:
-            sub.Free()
-
-
 def time_steps(design: str, p: int, X, y, lam, lr, batch_size, epochs, seed=0, comm=None) -> dict | None:
     """Run ``DESIGNS[design]`` on the first ``p`` ranks of ``comm``; the others wait at the end.
 
@@ -446,18 +311,6 @@ def time_steps(design: str, p: int, X, y, lam, lr, batch_size, epochs, seed=0, c
             out = {"design": design, "ranks": p, "w": res.w, **res.step_times()}
     sleeping_barrier(comm)  # the idle ranks wait here, without taking a core from the busy ones
     return out
-
-
-def sleeping_barrier(comm=None, poll: float = 1e-3) -> None:
-    """A barrier that sleeps while it waits (``Ibarrier`` + ``Test``), unlike ``comm.Barrier``.
-
-    MPI implementations wait by spinning: ranks idle in ``Barrier`` would use the cores that the
-    working ranks need (on a laptop with fewer cores than engines, they halve the speed of a
-    2-rank run).
-    """
-    request = world(comm).Ibarrier()
-    while not request.Test():
-        time.sleep(poll)
 
 
 def amdahl_speedup(p, serial_fraction: float):

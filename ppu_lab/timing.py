@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 
@@ -53,3 +53,8 @@ def time_it(fn, *args, repeat: int = 5, number: int = 1, warmup: int = 1, **kwar
             fn(*args, **kwargs)
         rounds.append((time.perf_counter() - start) / number)
     return statistics.median(rounds)
+
+
+def no_timer(name: str = "total"):
+    """A timer that times nothing: the default of the step functions (``ppu_lab.parallel``)."""
+    return nullcontext()

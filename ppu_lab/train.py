@@ -151,7 +151,7 @@ def train(model="ann", data=None, *, hidden=50, lam=5.0, lr=None, batch_size=100
     if not (np.isfinite(lam) and lam >= 0):
         raise ValueError(f"lam (the L2 weight) must be finite and >= 0; got {lam}")
     if comm is not None:
-        from ppu_lab.parallel import check_all
+        from ppu_lab.mpi import check_all
 
         sizes = (len(data[0]), len(data[2]))
         all_sizes = comm.allgather(sizes)  # small Python objects: lowercase
@@ -285,7 +285,7 @@ def _local_shard(x, y, size, rank, global_batch):
     indexing a torch tensor with a NumPy index array (which converts the index and allocates the
     batch every step). The returned ``(X, y)`` are overwritten by the next call.
     """
-    from ppu_lab.parallel import shard_bounds
+    from ppu_lab.mpi import shard_bounds
 
     is_torch = not isinstance(x, np.ndarray)
     x_np = x.numpy() if is_torch else x
@@ -314,7 +314,7 @@ def _scatter_shard(x, y, comm, size, rank, global_batch):
     """The course's design: rank 0 packs the minibatch and Scatterv's it; others receive their shard."""
     if comm is None:
         return _local_shard(x, y, 1, 0, global_batch)
-    from ppu_lab.parallel import shard_counts
+    from ppu_lab.mpi import mpi_dtype, shard_counts, shard_displs
 
     is_torch = not isinstance(x, np.ndarray)
     x_np = x.numpy() if is_torch else x
@@ -328,22 +328,16 @@ def _scatter_shard(x, y, comm, size, rank, global_batch):
 
     def get(idx):
         counts = shard_counts(len(idx), size)
-        displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        displs = shard_displs(counts)
         send_x = x_np[idx] if rank == 0 else None
         send_y = y[idx] if rank == 0 else None
         k = int(counts[rank])
-        comm.Scatterv([send_x, counts * row, displs * row, _mpi_type(x_np)] if rank == 0 else None,
+        comm.Scatterv([send_x, counts * row, displs * row, mpi_dtype(x_np)] if rank == 0 else None,
                       recv_x[:k], root=0)
-        comm.Scatterv([send_y, counts, displs, _mpi_type(y)] if rank == 0 else None, recv_y[:k], root=0)
+        comm.Scatterv([send_y, counts, displs, mpi_dtype(y)] if rank == 0 else None, recv_y[:k], root=0)
         return (recv_x_t[:k] if is_torch else recv_x[:k]), recv_y[:k]
 
     return get
-
-
-def _mpi_type(a):
-    from mpi4py import MPI
-
-    return MPI._typedict[a.dtype.char]
 
 
 def record_epoch(history, epoch, loss_sum, seen, n, acc, epoch_time, bar=None, label="epoch"):
@@ -358,7 +352,7 @@ def record_epoch(history, epoch, loss_sum, seen, n, acc, epoch_time, bar=None, l
 def evaluate_accuracy(m, x_test, y_test, comm=None) -> float:
     """Fraction of ``x_test`` classified correctly; under MPI each rank classifies a shard, counts summed."""
     rank, size = (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
-    from ppu_lab.parallel import shard_bounds
+    from ppu_lab.mpi import shard_bounds
 
     lo, hi = shard_bounds(len(y_test), size, rank)
     correct = 0

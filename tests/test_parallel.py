@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from ppu_lab import ridge
-from ppu_lab.parallel import (NonFiniteGradientError, ParallelSGDResult, RankError, RankInputError, amdahl_fit,
-                             amdahl_speedup, shard_bounds, shard_counts)
+from ppu_lab.mpi import RankError, shard_bounds, shard_counts
+from ppu_lab.parallel import NonFiniteGradientError, ParallelSGDResult, RankInputError, amdahl_fit, amdahl_speedup
 
 
 # --------------------------------------------------------------------------- shard_bounds, no MPI

@@ -4,7 +4,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ppu_lab import collectives as C
-from ppu_lab.parallel import mpi_main
+from ppu_lab.mpi import mpi_main
 
 
 def main():

@@ -19,7 +19,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ppu_lab.experiments import expand_grid, run_grid
-from ppu_lab.parallel import mpi_main
+from ppu_lab.mpi import mpi_main
 
 ap = argparse.ArgumentParser()
 ap.add_argument("out")

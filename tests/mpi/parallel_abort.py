@@ -7,7 +7,7 @@ the job (non-zero exit) with "rank RANK: ..." in stderr instead of hanging.
 
 import sys
 
-from ppu_lab.parallel import mpi_main, world
+from ppu_lab.mpi import mpi_main, world
 
 
 def main():

@@ -5,7 +5,7 @@ Usage: mpiexec -n N python tests/mpi/parallel_primitives.py
 
 import numpy as np
 
-from ppu_lab.parallel import RankError, allreduce_sum, check_all, mpi_main, shard_bounds, world
+from ppu_lab.mpi import RankError, allreduce_sum, check_all, mpi_main, shard_bounds, world
 
 
 def main():

@@ -10,7 +10,8 @@ import numpy as np
 
 from ppu_lab import ridge
 from ppu_lab.data import make_ridge_data
-from ppu_lab.parallel import DESIGNS, mpi_main, time_steps, world
+from ppu_lab.mpi import mpi_main, world
+from ppu_lab.parallel import DESIGNS, time_steps
 
 
 def main():

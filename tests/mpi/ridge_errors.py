@@ -16,7 +16,8 @@ import numpy as np
 
 from ppu_lab import ridge
 from ppu_lab.data import make_ridge_data
-from ppu_lab.parallel import DESIGNS, RankError, mpi_main, world
+from ppu_lab.mpi import RankError, mpi_main, world
+from ppu_lab.parallel import DESIGNS
 
 FAULTY = 1  # the rank that misbehaves
 

@@ -12,7 +12,8 @@ import numpy as np
 
 from ppu_lab import ridge
 from ppu_lab.data import make_ridge_data
-from ppu_lab.parallel import DESIGNS, mpi_main, world
+from ppu_lab.mpi import mpi_main, world
+from ppu_lab.parallel import DESIGNS
 
 TOL = 1e-10
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from ppu_lab.data import load_mnist
 from ppu_lab.ddp import init_from_mpi, shutdown, train_ddp
-from ppu_lab.parallel import mpi_main, world
+from ppu_lab.mpi import mpi_main, world
 from ppu_lab.train import train
 
 

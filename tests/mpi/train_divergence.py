@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 from ppu_lab.data import load_mnist
-from ppu_lab.parallel import mpi_main, world
+from ppu_lab.mpi import mpi_main, world
 from ppu_lab.ridge import DivergenceError
 from ppu_lab.train import train
 

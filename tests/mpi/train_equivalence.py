@@ -12,7 +12,7 @@ import sys
 import numpy as np
 
 from ppu_lab.data import load_mnist
-from ppu_lab.parallel import mpi_main, world
+from ppu_lab.mpi import mpi_main, world
 from ppu_lab.train import train
 
 # Small slices of the sample keep the test fast; see tests/test_train.py for the same settings.
