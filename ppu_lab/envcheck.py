@@ -64,7 +64,7 @@ def check_package(name: str, minimum: str, install: str) -> Item:
 
 
 def check_cores() -> Item:
-    from ppu_lab.cluster import usable_cores
+    from ppu_lab.mpiexec import usable_cores
 
     n = usable_cores()
     return Item("cores", f"{n} usable (os.cpu_count() = {os.cpu_count()})", n >= 2,
@@ -73,11 +73,11 @@ def check_cores() -> Item:
 
 def check_mpi() -> list[Item]:
     """``mpiexec`` found? Does ``mpiexec -n 2`` give mpi4py ranks 0 and 1 of 2?"""
-    from ppu_lab.cluster import ClusterError, preflight
+    from ppu_lab.mpiexec import MPIStartError, preflight
 
     try:
-        info = preflight(1, check_ranks=True)
-    except ClusterError as exc:
+        info = preflight(1, check_ranks=True, warn=False)
+    except MPIStartError as exc:
         return [Item("mpiexec", "not usable", False, str(exc))]
     return [
         Item("mpiexec", f"{info['mpiexec']} ({info['mpi_flavor']}, {info['mpiexec_version']})"),

@@ -7,8 +7,6 @@ From a notebook (on the login node, or a JupyterHub that submits to Slurm)::
                          env_setup="module load mpich\\nsource ~/ppu-lab/.venv/bin/activate") as cl:
         cl.apply(lambda: (rank, size))        # [(0, 4), (1, 4), (2, 4), (3, 4)]
 
-(``MPICluster(4, launcher="slurm", partition=...)`` is the same: it returns a ``SlurmMPICluster``.)
-
 How the engines are started, and why
 ------------------------------------
 The controller runs where the notebook runs; the ``n`` engines run in ONE Slurm job whose
@@ -58,7 +56,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ppu_lab.cluster import LAUNCHERS, ClusterError, MPICluster, find_mpiexec
+from ppu_lab.cluster import ClusterError, MPICluster
+from ppu_lab.mpiexec import find_mpiexec
 
 __all__ = [
     "SlurmError", "SlurmMPICluster", "slurm_status", "batch_script", "experiments_script",
@@ -105,7 +104,7 @@ def _require_commands() -> None:
         raise SlurmError(
             f"{', '.join(missing)} not found on PATH: Slurm jobs can only be submitted from a machine with "
             "the Slurm client commands (a cluster's login node; try `module load slurm`). To run the lab "
-            "on this machine alone, use MPICluster(n) (launcher='local')."
+            "on this machine alone, use ppu_lab.cluster.MPICluster(n)."
         )
 
 
@@ -341,27 +340,6 @@ def _engine_launcher_class():
     return SlurmEngines
 
 
-_JOB_WATCHDOG = r"""
-import os, subprocess, sys, time
-parent, job = int(sys.argv[1]), sys.argv[2]
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie parent counts as dead
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-while alive(parent):
-    time.sleep(1.0)
-subprocess.run(["scancel", job], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-"""
-
-
 class SlurmMPICluster(MPICluster):
     """``n`` MPI engines in one Slurm job (one communicator), controller and client here.
 
@@ -383,10 +361,8 @@ class SlurmMPICluster(MPICluster):
 
     def __init__(self, n: int = 2, *, partition=None, time="00:30:00", account=None, nodes=None, extra=(),
                  env_setup=None, mpi="pmi2", queue_timeout: float = 600, job_dir=None, ip="*",
-                 timeout: float = 120, launcher="slurm", **kwargs):
-        if launcher != "slurm":
-            raise ValueError(f"launcher must be 'slurm' for SlurmMPICluster; got {launcher!r}")
-        super().__init__(n, launcher="slurm", ip=ip, timeout=timeout, **kwargs)
+                 timeout: float = 120, **kwargs):
+        super().__init__(n, ip=ip, timeout=timeout, **kwargs)
         _check_options(n, partition, time, account, nodes, extra, mpi)
         if not (isinstance(queue_timeout, (int, float)) and queue_timeout > 0):
             raise ValueError(f"queue_timeout (seconds the job may wait in the queue) must be > 0; got {queue_timeout!r}")
@@ -395,7 +371,6 @@ class SlurmMPICluster(MPICluster):
         self.queue_timeout = float(queue_timeout)
         self.job_dir = job_dir
         self._job_tmp: str | None = None
-        self._job_watchdog: subprocess.Popen | None = None
 
     # -- hooks of MPICluster -------------------------------------------------------------------
     def _preflight(self) -> dict:
@@ -432,14 +407,9 @@ class SlurmMPICluster(MPICluster):
         es = self._engine_set()
         return getattr(es, "job_id", None) or None
 
-    def _track(self) -> None:
-        super()._track()
-        job = self.job_id
-        if job and self._job_watchdog is None:  # scancel the job if this process dies without stop()
-            self._job_watchdog = subprocess.Popen(
-                [sys.executable, "-c", _JOB_WATCHDOG, str(os.getpid()), job],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=True)
+    def _cleanup_commands(self) -> list:
+        job = self.job_id  # if this process dies without stop(), the watchdog cancels the job
+        return [["scancel", job]] if job else []
 
     def _wait_for_engines(self) -> None:
         job, started = self.job_id, time.monotonic()
@@ -484,10 +454,6 @@ class SlurmMPICluster(MPICluster):
                 if job:
                     cancel(job)
             finally:
-                if self._job_watchdog is not None:
-                    self._job_watchdog.kill()
-                    self._job_watchdog.wait()
-                    self._job_watchdog = None
                 if self._job_tmp:
                     shutil.rmtree(self._job_tmp, ignore_errors=True)
                     self._job_tmp = None
@@ -501,8 +467,6 @@ def _escape(text):
     """Protect braces from ipyparallel's template formatting."""
     return None if text is None else text.replace("{", "{{").replace("}", "}}")
 
-
-LAUNCHERS["slurm"] = SlurmMPICluster
 
 
 # --------------------------------------------------------------------------- command line

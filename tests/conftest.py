@@ -8,26 +8,18 @@ hung collective fails one test with the ranks' output instead of hanging the sui
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from ppu_lab.cluster import transient_mpi_init_failure
+from ppu_lab.mpiexec import find_mpiexec, mpiexec_command, transient_mpi_init_failure
+from ppu_lab.procs import run as run_with_timeout
 
 ROOT = Path(__file__).resolve().parents[1]
 MPI_SCRIPTS = ROOT / "tests" / "mpi"
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist-10k"
-
-
-def find_mpiexec() -> str | None:
-    """The venv's mpiexec (mpich wheel) if present, else the first on PATH."""
-    local = Path(sys.executable).parent / "mpiexec"
-    if local.exists():
-        return str(local)
-    return shutil.which("mpiexec")
 
 
 @pytest.fixture(scope="session")
@@ -44,17 +36,17 @@ def mpirun(mpiexec):
 
     def run(n: int, script: str, *args: str, timeout: float = 120, check: bool = True, env=None):
         target = ["-m", script[3:]] if script.startswith("-m ") else [str(MPI_SCRIPTS / script)]
-        cmd = [mpiexec, "-n", str(n), sys.executable, *target, *map(str, args)]
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        launch = mpiexec_command(n, sys.executable, *target, *map(str, args), mpiexec=mpiexec)
+        cmd = launch.cmd
+        full_env = launch.environ({**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+            proc = run_with_timeout(cmd, timeout, env=full_env, cwd=ROOT)
             if proc.returncode != 0 and transient_mpi_init_failure(proc.stdout + proc.stderr):
-                # MPICH/UCX start-up flake (see ppu_lab.cluster), not the code under test: once more.
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+                # MPICH/UCX start-up flake (see ppu_lab.mpiexec), not the code under test: once more.
+                proc = run_with_timeout(cmd, timeout, env=full_env, cwd=ROOT)
         except subprocess.TimeoutExpired as exc:
-            out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            err = (exc.stderr or b"").decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-            pytest.fail(f"{' '.join(cmd)} hung for {timeout}s\n--- stdout\n{out}\n--- stderr\n{err}")
+            pytest.fail(f"{' '.join(cmd)} hung for {timeout}s (stopped with its process group)\n"
+                        f"--- stdout\n{exc.output}\n--- stderr\n{exc.stderr}")
         if check and proc.returncode != 0:
             pytest.fail(
                 f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"

@@ -5,8 +5,6 @@ Each cluster start costs several seconds, so the tests that start one check seve
 
 from __future__ import annotations
 
-import os
-import stat
 import subprocess
 import sys
 import textwrap
@@ -15,15 +13,16 @@ import time
 import psutil
 import pytest
 
-import ppu_lab.cluster as cluster
-from ppu_lab.cluster import ClusterError, MPICluster, OversubscribeWarning, preflight
+import ppu_lab.procs as procs
+import ppu_lab.mpiexec as mpiexec
+from ppu_lab.cluster import ClusterError, MPICluster
 
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
-    cluster._cache.clear()
+    mpiexec._cache.clear()
     yield
-    cluster._cache.clear()
+    mpiexec._cache.clear()
 
 
 def _alive(pids):
@@ -39,7 +38,7 @@ def _alive(pids):
 
 
 def _cluster_pids(cl):
-    return [p.pid for p in cluster._tree(cl._pids)]
+    return [p.pid for p in procs._tree(cl._pids)]
 
 
 def _by_cluster_id(cluster_id):
@@ -120,8 +119,9 @@ def test_killed_parent_leaves_nothing(tmp_path):
     script.write_text(textwrap.dedent("""
         import os, signal, sys
         import ppu_lab.cluster as cluster
+        import ppu_lab.procs as procs
         cl = cluster.MPICluster(n=2).start()
-        print("PIDS", *[p.pid for p in cluster._tree(cl._pids)], flush=True)
+        print("PIDS", *[p.pid for p in procs._tree(cl._pids)], flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
@@ -151,84 +151,13 @@ def test_engines_that_crash_report_their_output():
     assert time.monotonic() - t0 < 30  # reported when mpiexec exits, not after the timeout
 
 
-# ----------------------------------------------------------------------------- preflight
-
-
-def _fake_mpiexec(folder, body):
-    exe = folder / "mpiexec"
-    exe.write_text("#!/bin/sh\n" + body)
-    exe.chmod(exe.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return exe
-
-
-def test_preflight_names_the_missing_mpiexec(tmp_path, monkeypatch):
-    empty = tmp_path / "bin"
-    empty.mkdir()
-    monkeypatch.setenv("PATH", str(empty))
-    monkeypatch.delenv("PPU_LAB_MPIEXEC", raising=False)
-    monkeypatch.setattr(cluster, "_python_bin_dir", lambda: empty)
-    with pytest.raises(ClusterError, match=r"mpiexec` is not on PATH.*pip install mpich.*PPU_LAB_MPIEXEC"):
-        preflight(2)
-    with pytest.raises(ClusterError, match="No MPI launcher"):
-        MPICluster(n=2).start()
-
-
-def test_preflight_detects_mpiexec_of_another_mpi(tmp_path):
-    # An mpiexec from another MPI library starts n unrelated singletons: each is rank 0 of 1.
-    fake = _fake_mpiexec(tmp_path, textwrap.dedent("""\
-        if [ "$1" = "--version" ]; then echo "mpiexec (OpenRTE) 4.1.2"; exit 0; fi
-        n=$2; shift 2
-        i=0; while [ $i -lt $n ]; do env -u PMI_RANK -u PMI_SIZE "$@" & i=$((i+1)); done; wait
-    """))
-    with pytest.raises(ClusterError, match=r"(?s)different MPI libraries.*rank 0 of 1, rank 0 of 1.*Open MPI"):
-        preflight(2, mpiexec=str(fake))
-
-
-def test_preflight_open_mpi_as_root_sets_allow_variables(tmp_path, monkeypatch):
-    fake = _fake_mpiexec(tmp_path, 'echo "mpiexec (Open MPI) 5.0.3"\n')
-    for var in ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"):
-        monkeypatch.setenv(var, "x")  # so that monkeypatch restores the original state afterwards
-        monkeypatch.delenv(var)
-    monkeypatch.setattr(cluster, "_is_root", lambda: False)
-    info = preflight(1, mpiexec=str(fake), check_ranks=False)
-    assert info["env"] == {} and "OMPI_ALLOW_RUN_AS_ROOT" not in os.environ
-    monkeypatch.setattr(cluster, "_is_root", lambda: True)
-    with pytest.warns(UserWarning, match="root"):
-        info = preflight(1, mpiexec=str(fake), check_ranks=False)
-    assert info["mpi_flavor"] == "Open MPI"
-    assert os.environ["OMPI_ALLOW_RUN_AS_ROOT"] == os.environ["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
-
-
-def test_preflight_warns_when_oversubscribed(tmp_path, monkeypatch):
-    monkeypatch.setattr(cluster, "_is_root", lambda: False)
-    cores = cluster._cores()
-    info = preflight(cores)  # real mpiexec; runs the rank check
-    assert info["warnings"] == [] and info["mpi4py_library"]
-    with pytest.warns(OversubscribeWarning, match="meaningless"):
-        info = preflight(cores + 1)
-    assert info["n"] == cores + 1
-    fake = _fake_mpiexec(tmp_path, 'echo "mpiexec (Open MPI) 5.0.3"\n')
-    with pytest.warns(OversubscribeWarning):
-        assert "--oversubscribe" in preflight(cores + 1, mpiexec=str(fake), check_ranks=False)["mpi_args"]
-
-
 def test_bad_arguments_raise_value_error():
     with pytest.raises(ValueError, match="n .number of MPI engines"):
         MPICluster(n=0)
-    with pytest.raises(ValueError, match="launcher"):
-        MPICluster(n=2, launcher="slurmish")
+    with pytest.raises(TypeError, match="launcher"):  # engines in a Slurm job: ppu_lab.slurm.SlurmMPICluster
+        MPICluster(n=2, launcher="slurm")
     with pytest.raises(ValueError, match="timeout"):
         MPICluster(n=2, timeout=0)
-
-
-def test_preflight_is_cached(monkeypatch):
-    first = preflight(2)
-
-    def no_more_processes(*args, **kwargs):
-        raise AssertionError(f"preflight started a process again: {args[0] if args else kwargs}")
-
-    monkeypatch.setattr(cluster.subprocess, "run", no_more_processes)
-    assert preflight(2)["mpiexec"] == first["mpiexec"]
 
 
 # ----------------------------------------------------------------------------- envcheck (notebook 00)
@@ -252,7 +181,7 @@ def test_envcheck_reports_what_to_fix(tmp_path, monkeypatch):
     # now break two things: no MNIST, no mpiexec
     monkeypatch.setenv(data.ENV_VAR, str(tmp_path / "nowhere"))
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(cluster, "_python_bin_dir", lambda: tmp_path)
+    monkeypatch.setattr(mpiexec, "_python_bin_dir", lambda: tmp_path)
     out = io.StringIO()
     assert envcheck.report(file=out) is False
     text = out.getvalue()

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from ppu_lab import ridge, slurm
-from ppu_lab.cluster import MPICluster, _rank_info, transient_mpi_init_failure
+from ppu_lab.cluster import _rank_info
+from ppu_lab.mpiexec import transient_mpi_init_failure
 from ppu_lab.parallel import sgd_allreduce
 from ppu_lab.data import make_ridge_data
 
@@ -61,8 +62,7 @@ def test_slurm_engines_are_one_communicator_and_match_serial_sgd(live_slurm):
     X, y, _ = make_ridge_data(300, 5, seed=3)
     args = dict(lam=0.1, lr=0.001, batch_size=16, epochs=3, seed=7)
     serial = ridge.sgd(X, y, **args).w
-    with MPICluster(2, launcher="slurm", time="00:10:00") as cl:  # a SlurmMPICluster; srun --mpi=pmi2
-        assert isinstance(cl, slurm.SlurmMPICluster)
+    with slurm.SlurmMPICluster(2, time="00:10:00") as cl:  # srun --mpi=pmi2
         job = cl.job_id
         assert slurm.job_state(job) == "RUNNING"
         # (functions sent to engines must be importable there: package functions, not test ones)

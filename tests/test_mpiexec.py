@@ -1,0 +1,124 @@
+"""ppu_lab.mpiexec: finding mpiexec, knowing its MPI, its command line, and the preflight checks."""
+
+from __future__ import annotations
+
+import os
+import stat
+import textwrap
+
+import pytest
+
+import ppu_lab.mpiexec as mpiexec
+import ppu_lab.procs as procs
+from ppu_lab.cluster import ClusterError, MPICluster
+from ppu_lab.mpiexec import MPIStartError, OversubscribeWarning, mpiexec_command, preflight
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    mpiexec._cache.clear()
+    yield
+    mpiexec._cache.clear()
+
+
+# ----------------------------------------------------------------------------- the command line
+@pytest.mark.parametrize("flavor", ["MPICH", "Open MPI", "Intel MPI"])
+@pytest.mark.parametrize("root", [False, True])
+def test_command_adds_oversubscribe_only_for_open_mpi_beyond_the_cores_and_root_variables_only_as_root(
+        tmp_path, monkeypatch, flavor, root):
+    banner = {"MPICH": "HYDRA build details:\n    Version: 4.2.0", "Open MPI": "mpiexec (Open MPI) 5.0.3",
+              "Intel MPI": "Intel(R) MPI Library for Linux* OS, Version 2021.10"}[flavor]
+    fake = _fake_mpiexec(tmp_path, f'echo "{banner}"\n')
+    monkeypatch.setattr(mpiexec, "is_root", lambda: root)
+    for n, cores in ((2, 4), (4, 4), (5, 4)):
+        launch = mpiexec_command(n, "python", "x.py", mpiexec=str(fake), cores=cores)
+        assert launch.flavor == flavor
+        settings = launch.cmd[3:-2]
+        assert launch.cmd[:3] == [str(fake.resolve()), "-n", str(n)] and launch.cmd[-2:] == ["python", "x.py"]
+        assert settings == (["--oversubscribe"] if flavor == "Open MPI" and n > cores else [])
+        expect_env = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+        assert launch.env == (expect_env if flavor == "Open MPI" and root else {})
+        assert len(launch.notes) == len(settings) + (1 if launch.env else 0)  # each setting says why
+
+
+def test_command_without_mpiexec_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("PPU_LAB_MPIEXEC", raising=False)
+    monkeypatch.setattr(mpiexec, "_python_bin_dir", lambda: tmp_path)
+    with pytest.raises(MPIStartError, match="pip install mpich"):
+        mpiexec_command(2, "python")
+
+
+# ----------------------------------------------------------------------------- preflight
+
+
+def _fake_mpiexec(folder, body):
+    exe = folder / "mpiexec"
+    exe.write_text("#!/bin/sh\n" + body)
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return exe
+
+
+def test_preflight_names_the_missing_mpiexec(tmp_path, monkeypatch):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.delenv("PPU_LAB_MPIEXEC", raising=False)
+    monkeypatch.setattr(mpiexec, "_python_bin_dir", lambda: empty)
+    with pytest.raises(MPIStartError, match=r"mpiexec` is not on PATH.*pip install mpich.*PPU_LAB_MPIEXEC"):
+        preflight(2)
+    with pytest.raises(ClusterError, match="No MPI launcher"):
+        MPICluster(n=2).start()
+
+
+def test_preflight_detects_mpiexec_of_another_mpi(tmp_path):
+    # An mpiexec from another MPI library starts n unrelated singletons: each is rank 0 of 1.
+    fake = _fake_mpiexec(tmp_path, textwrap.dedent("""\
+        if [ "$1" = "--version" ]; then echo "mpiexec (OpenRTE) 4.1.2"; exit 0; fi
+        n=$2; shift 2
+        i=0; while [ $i -lt $n ]; do env -u PMI_RANK -u PMI_SIZE "$@" & i=$((i+1)); done; wait
+    """))
+    with pytest.raises(MPIStartError, match=r"(?s)different MPI libraries.*rank 0 of 1, rank 0 of 1.*Open MPI"):
+        preflight(2, mpiexec=str(fake))
+
+
+def test_preflight_open_mpi_as_root_returns_allow_variables(tmp_path, monkeypatch):
+    fake = _fake_mpiexec(tmp_path, 'echo "mpiexec (Open MPI) 5.0.3"\n')
+    for var in ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"):
+        monkeypatch.setenv(var, "x")  # so that monkeypatch restores the original state afterwards
+        monkeypatch.delenv(var)
+    monkeypatch.setattr(mpiexec, "is_root", lambda: False)
+    info = preflight(1, mpiexec=str(fake), check_ranks=False)
+    assert info["env"] == {}
+    monkeypatch.setattr(mpiexec, "is_root", lambda: True)
+    with pytest.warns(UserWarning, match="root"):
+        info = preflight(1, mpiexec=str(fake), check_ranks=False)
+    assert info["mpi_flavor"] == "Open MPI"
+    assert info["env"] == {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    assert "OMPI_ALLOW_RUN_AS_ROOT" not in os.environ  # returned, not set: the caller applies it
+
+
+def test_preflight_warns_when_oversubscribed(tmp_path, monkeypatch):
+    monkeypatch.setattr(mpiexec, "is_root", lambda: False)
+    cores = mpiexec.usable_cores()
+    info = preflight(cores)  # real mpiexec; runs the rank check
+    assert info["warnings"] == [] and info["mpi4py_library"]
+    with pytest.warns(OversubscribeWarning, match="meaningless"):
+        info = preflight(cores + 1)
+    assert info["n"] == cores + 1
+    fake = _fake_mpiexec(tmp_path, 'echo "mpiexec (Open MPI) 5.0.3"\n')
+    with pytest.warns(OversubscribeWarning):
+        assert "--oversubscribe" in preflight(cores + 1, mpiexec=str(fake), check_ranks=False)["mpi_args"]
+
+
+def test_preflight_is_cached(monkeypatch):
+    first = preflight(2)
+
+    def no_more_processes(*args, **kwargs):
+        raise AssertionError(f"preflight started a process again: {args[0] if args else kwargs}")
+
+    monkeypatch.setattr(mpiexec.subprocess, "run", no_more_processes)
+    monkeypatch.setattr(procs.subprocess, "Popen", no_more_processes)
+    assert preflight(2)["mpiexec"] == first["mpiexec"]
+
+
