@@ -4,13 +4,17 @@ Modules, and the notebook that explains each:
 
 - ``ppu_lab.config``       quick mode for tests (``PPU_LAB_QUICK``)
 - ``ppu_lab.timing``       the one timer helper used everywhere
+- ``ppu_lab.checks``       argument checks that name the argument and what to pass
+- ``ppu_lab.procs``        subprocesses with deadlines, stopped with their whole group; the watchdog
+- ``ppu_lab.mpiexec``      which mpiexec and MPI, its command line, the preflight checks    (00)
+- ``ppu_lab.mpi``          generic MPI helpers: shards, collective checks, barriers, aborts (03-08)
 - ``ppu_lab.envcheck``     environment report with fixes                      (00)
 - ``ppu_lab.data``         MNIST loader/downloader, synthetic ridge problems  (01, 05-07)
 - ``ppu_lab.ridge``        ridge objective, gradient, serial minibatch SGD    (01)
 - ``ppu_lab.threads``      Method 1: threads, the GIL, Hogwild!               (02)
 - ``ppu_lab.cluster``      ipyparallel MPI engines that start, fail clearly and clean up (00, 03-07)
 - ``ppu_lab.collectives``  ping-pong, alpha-beta model, timing of collectives  (03)
-- ``ppu_lab.parallel``     Method 2: MPI data-parallel SGD, error handling     (04)
+- ``ppu_lab.parallel``     Method 2: MPI data-parallel ridge SGD, two designs  (04)
 - ``ppu_lab.models``       the ANN (NumPy, hand backprop) and the CNN (PyTorch) (05, 06)
 - ``ppu_lab.train``        data-parallel training of both models over MPI      (05, 06)
 - ``ppu_lab.ddp``          PyTorch DistributedDataParallel for comparison      (06)
