@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import time
 
 from ppu_lab.cluster import ClusterError
+from ppu_lab.procs import run
 
 COMMANDS = ("sbatch", "squeue", "scancel")
 
@@ -16,8 +18,29 @@ class SlurmError(ClusterError):
     """Slurm is missing, refused the job, or the job failed; the message includes Slurm's own words."""
 
 
-def _run(cmd, timeout=60, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw)
+# Seconds a Slurm client command may take. They answer in well under a second on a healthy cluster;
+# a controller that is down makes them retry for a while, then fail.
+TIMEOUT = 60
+
+
+def _run(cmd, timeout: float | None = None, **kw) -> subprocess.CompletedProcess:
+    """Run a Slurm command (new session, stopped with its group on timeout); SlurmError if it hangs.
+
+    ``timeout`` defaults to the module's ``TIMEOUT``, read at each call (tests lower it)."""
+    timeout = TIMEOUT if timeout is None else min(timeout, TIMEOUT)
+    try:
+        return run([str(c) for c in cmd], timeout, **kw)
+    except subprocess.TimeoutExpired as exc:
+        said = ((exc.stderr or "") + (exc.output or "")).strip()
+        raise SlurmError(
+            f"Slurm did not answer `{shlex.join(map(str, cmd))}` within {timeout:.0f} s"
+            + (f" (it said: {said})" if said else "")
+            + ". The Slurm controller may be down or overloaded: check with `sinfo` in a terminal, wait a "
+            "minute and try again; if it keeps happening, ask your cluster's admins."
+        ) from None
+    except FileNotFoundError:
+        raise SlurmError(f"{cmd[0]} not found on PATH: this machine has no Slurm client commands "
+                         "(on a cluster's login node, try `module load slurm`).") from None
 
 
 def slurm_status() -> str | None:
@@ -27,8 +50,8 @@ def slurm_status() -> str | None:
         return f"{', '.join(missing)} not found on PATH: this machine is not a Slurm submit host"
     try:
         proc = _run(["sinfo", "-h", "-o", "%T"], timeout=20)
-    except subprocess.TimeoutExpired:
-        return "sinfo did not answer in 20 s (is slurmctld running?)"
+    except SlurmError as exc:
+        return f"sinfo: {exc}"
     if proc.returncode != 0:
         return f"sinfo failed: {(proc.stderr or proc.stdout).strip()}"
     states = proc.stdout.split()
@@ -49,9 +72,13 @@ def _require_commands() -> None:
 
 def job_state(job_id: str) -> str | None:
     """The job's state in ``squeue`` (``PENDING``, ``RUNNING``, ``COMPLETING`` ...), None once it is gone."""
-    proc = _run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], timeout=30)
-    if proc.returncode != 0:  # "Invalid job id specified": finished and purged
-        return None
+    proc = _run(["squeue", "-h", "-j", str(job_id), "-o", "%T"])
+    if proc.returncode != 0:
+        said = (proc.stderr + proc.stdout).strip()
+        if "invalid job id" in said.lower():  # finished and purged
+            return None
+        raise SlurmError(f"squeue could not tell the state of job {job_id}: {said}. Check with `squeue --me` "
+                         "in a terminal; if Slurm is down, try again in a minute.")
     state = proc.stdout.strip().splitlines()
     return state[0].strip() if state else None
 
@@ -60,7 +87,7 @@ def cancel(job_id: str, wait: float = 30) -> None:
     """``scancel`` the job and wait (up to ``wait`` s) until ``squeue`` no longer lists it."""
     if not job_id:
         return
-    _run(["scancel", str(job_id)], timeout=30)
+    _run(["scancel", str(job_id)])
     deadline = time.monotonic() + wait
     while job_state(job_id) is not None:
         if time.monotonic() > deadline:
@@ -76,7 +103,7 @@ def submit(script: str | os.PathLike, *args: str, test_only: bool = False, cwd=N
     """
     _require_commands()
     cmd = ["sbatch", *(["--test-only"] if test_only else ["--parsable"]), str(script), *map(str, args)]
-    proc = _run(cmd, timeout=60, cwd=cwd)
+    proc = _run(cmd, cwd=cwd)
     message = (proc.stderr + proc.stdout).strip()
     if proc.returncode != 0:
         raise SlurmError(f"Slurm rejected the job ({' '.join(cmd)}):\n{message}")

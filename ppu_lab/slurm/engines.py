@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -22,11 +21,11 @@ def _engine_launcher_class():
 
     class SlurmEngines(SlurmEngineSetLauncher):
         def _run_command(self, command, **kwargs):
-            proc = subprocess.run(command, capture_output=True, stdin=subprocess.DEVNULL, **kwargs)
-            out, err = proc.stdout.decode("utf8", "replace"), proc.stderr.decode("utf8", "replace")
+            proc = _run(command, **kwargs)  # bounded: SlurmError when Slurm does not answer
             if proc.returncode != 0 and command[0] == "sbatch":
-                raise SlurmError(f"Slurm rejected the engines' job (sbatch exit {proc.returncode}):\n{(err + out).strip()}")
-            return out  # scancel of a job that has already ended is fine
+                raise SlurmError(f"Slurm rejected the engines' job (sbatch exit {proc.returncode}):\n"
+                                 f"{(proc.stderr + proc.stdout).strip()}")
+            return proc.stdout  # scancel of a job that has already ended is fine
 
     return SlurmEngines
 

@@ -34,7 +34,7 @@ def _rank0_of_1_advice(n: int, mpi: str) -> str:
 def _check_mpi_plugin(mpi: str) -> None:
     if mpi not in ("pmi2", "pmix") or shutil.which("srun") is None:
         return
-    proc = _run(["srun", "--mpi=list"], timeout=30)
+    proc = _run(["srun", "--mpi=list"])
     listing = (proc.stdout + proc.stderr).lower()
     if proc.returncode == 0 and not re.search(rf"\b{mpi}", listing):
         raise SlurmError(
