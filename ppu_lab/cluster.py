@@ -32,6 +32,7 @@ and its keyword arguments), :meth:`_preflight`, :meth:`_cleanup_commands`, :meth
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
 import shutil
@@ -69,6 +70,13 @@ def _rank_info():  # runs on an engine
     return c.Get_rank(), c.Get_size()
 
 
+def _is_nanny(proc) -> bool:
+    try:
+        return "ipyparallel.engine.nanny" in " ".join(proc.cmdline())
+    except Exception:  # noqa: BLE001 - gone, or not ours to read
+        return False
+
+
 def _engine_setup(stack_path):  # runs on an engine: the namespace of %%px cells, the hang-report hook
     from IPython import get_ipython
     from mpi4py import MPI
@@ -98,7 +106,7 @@ class MPICluster:
     kill_grace: float = 0.1  # seconds between SIGTERM and SIGKILL when stopping engines
     # The controller completes an engine's registration at its next heartbeat or two: ipyparallel's
     # 3 s period made every start and restart wait about 6 s for that alone.
-    heartbeat_ms: int = 500
+    heartbeat_ms: int = 250
 
     def __init__(self, n: int = 2, *, ip: str = "127.0.0.1", timeout: float = 60, call_timeout: float | None = None,
                  mpiexec: str | None = None, engine_cmd: list[str] | None = None, log_level: int = 40):
@@ -154,8 +162,26 @@ class MPICluster:
         return self._profile_dir
 
     def _stop_engines(self) -> None:
-        """Stop the engines now, stuck ones included; keep controller and client."""
-        kill_tree(self._engine_pids(), grace=self.kill_grace)
+        """Kill the engines now (SIGKILL: stuck ones ignore anything else); keep controller and client.
+        Their nannies (ipyparallel's watcher beside each engine) are spared for a moment: they see
+        their engine die and tell the controller, which frees the engine ids for the new engines."""
+        import psutil
+
+        tree = []
+        for pid in self._engine_pids():
+            try:
+                tree += [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+            except psutil.Error:
+                pass
+        nannies = [p for p in tree if _is_nanny(p)]
+        for p in tree:
+            if p not in nannies:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+        deadline = time.monotonic() + 1.0
+        while nannies and set(self.engine_ids) & set(self.client.ids) and time.monotonic() < deadline:
+            time.sleep(0.02)  # until the controller has let go of the old engines (or 1 s)
+        kill_tree([p.pid for p in tree], grace=self.kill_grace)  # the nannies, and anything left
         for es_id in list(self.cluster.engines):
             self.cluster.stop_engines_sync(es_id)  # ipyparallel's bookkeeping; the processes are gone
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from ppu_lab import ridge, slurm
-from ppu_lab.cluster import _rank_info
+from ppu_lab.cluster import ClusterTimeout, _rank_info
 from ppu_lab.mpiexec import transient_mpi_init_failure
 from ppu_lab.parallel import sgd_allreduce
 from ppu_lab.data import make_ridge_data
@@ -57,6 +57,16 @@ def _my_jobs() -> set[str]:
 # --------------------------------------------------------------------------- engines in a Slurm job
 
 
+def _rank1_waits_alone():
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.Get_rank() == 1:
+        MPI.COMM_WORLD.Barrier()  # rank 0 never calls it
+
+
+_rank1_waits_alone.__module__ = "__main__"  # sent by value: engines cannot import this test module
+
+
 @pytest.mark.timeout(300)
 def test_slurm_engines_are_one_communicator_and_match_serial_sgd(live_slurm):
     X, y, _ = make_ridge_data(300, 5, seed=3)
@@ -68,6 +78,13 @@ def test_slurm_engines_are_one_communicator_and_match_serial_sgd(live_slurm):
         # (functions sent to engines must be importable there: package functions, not test ones)
         assert cl.apply(_rank_info) == [(0, 2), (1, 2)]
         ws = [res.w for res in cl.apply(sgd_allreduce, X, y, **args)]
+        # A hang in a Slurm job: reported like a local one; restart replaces the job.
+        with pytest.raises(ClusterTimeout, match=r"rank 0: idle\s+rank 1: in `MPI.COMM_WORLD.Barrier\(\)`"):
+            cl.apply(_rank1_waits_alone, timeout=3)
+        cl.restart()
+        assert slurm.job_state(job) is None and cl.job_id != job
+        assert cl.apply(_rank_info) == [(0, 2), (1, 2)]
+        job = cl.job_id
     np.testing.assert_allclose(ws[0], ws[1], rtol=0, atol=0)
     np.testing.assert_allclose(ws[0], serial, rtol=1e-12, atol=1e-12)
     assert slurm.job_state(job) is None, "stop() must leave no job in squeue"

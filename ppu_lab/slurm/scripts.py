@@ -81,12 +81,12 @@ def batch_script(command: str, n: int, *, partition=None, time="00:30:00", accou
     ``extra``: more sbatch options (``["--mem-per-cpu=2G"]``). ``output``: sbatch ``--output``.
     ``prelude``: shell lines run after ``env_setup``, just before the launch line.
     Every value is checked: Slurm names and times by their form, free text (``job_name``, ``output``)
-    quoted for sbatch, and no value may hold a newline, except ``env_setup`` (its lines), ``comment``
-    and ``prelude``, which are written as shell lines after the ``#SBATCH`` block, where sbatch no
-    longer reads directives.
+    quoted for sbatch, and no value may hold a newline or other control character, except
+    ``env_setup`` and ``command`` (shell text after the ``#SBATCH`` block, where sbatch reads no more
+    directives) and ``comment`` (each of its lines becomes a ``#`` comment line).
     """
     _check_options(n, partition, time, account, nodes, extra, mpi)
-    no_control("command", command)
+    no_control("command", command, lines=True)  # after the #SBATCH block: sbatch reads no directive there
     lines = ["#!/bin/bash"]
     if comment:
         lines += [f"# {ln}".rstrip() for ln in no_control("comment", comment, lines=True).splitlines()]
