@@ -12,14 +12,16 @@ Modules, and the notebook that explains each:
 - ``ppu_lab.data``         MNIST loader/downloader, synthetic ridge problems  (01, 05-07)
 - ``ppu_lab.ridge``        ridge objective, gradient, serial minibatch SGD    (01)
 - ``ppu_lab.threads``      Method 1: threads, the GIL, Hogwild!               (02)
-- ``ppu_lab.cluster``      ipyparallel MPI engines that start, fail clearly and clean up (00, 03-07)
+- ``ppu_lab.cluster``      ipyparallel MPI engines that start, fail clearly, never hang, clean up (00, 03-07)
+- ``ppu_lab.hangs``        the hang report: where each rank is                 (03)
+- ``ppu_lab.busy``         deadlines, and refusing new work while engines are stuck (03)
 - ``ppu_lab.collectives``  ping-pong, alpha-beta model, timing of collectives  (03)
 - ``ppu_lab.parallel``     Method 2: MPI data-parallel ridge SGD, two designs  (04)
 - ``ppu_lab.models``       the ANN (NumPy, hand backprop) and the CNN (PyTorch) (05, 06)
 - ``ppu_lab.train``        data-parallel training of both models over MPI      (05, 06)
 - ``ppu_lab.ddp``          PyTorch DistributedDataParallel for comparison      (06)
 - ``ppu_lab.experiments``  the course's experiment grid, resumable results     (07)
-- ``ppu_lab.slurm``        the same engines and experiments through Slurm      (README, "Running on a cluster")
+- ``ppu_lab.slurm``        the same engines and experiments through Slurm (a package) (README, "Running on a cluster")
 - ``ppu_lab.plotting``     figures (take and return a matplotlib Axes)
 
 Submodules are imported on demand (``from ppu_lab import ridge``), so importing the
