@@ -14,7 +14,7 @@ Modules, and the notebook that explains each:
 - ``ppu_lab.threads``      Method 1: threads, the GIL, Hogwild!               (02)
 - ``ppu_lab.cluster``      ipyparallel MPI engines that start, fail clearly, never hang, clean up (00, 03-07)
 - ``ppu_lab.hangs``        the hang report: where each rank is                 (03)
-- ``ppu_lab.busy``         deadlines, and refusing new work while engines are stuck (03)
+- ``ppu_lab.waits``        deadlines on every wait, refusing new work while engines are stuck (03)
 - ``ppu_lab.collectives``  ping-pong, alpha-beta model, timing of collectives  (03)
 - ``ppu_lab.parallel``     Method 2: MPI data-parallel ridge SGD, two designs  (04)
 - ``ppu_lab.models``       the ANN (NumPy, hand backprop) and the CNN (PyTorch) (05, 06)

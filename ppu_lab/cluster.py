@@ -17,7 +17,7 @@
 - Nothing waits forever: ``cl.apply`` gives up after ``timeout`` seconds (default
   ``MPICluster.call_timeout``) with :class:`ClusterTimeout`; new work (``cl.apply``, ``%%px`` cells,
   anything through ``cl.view``) is refused at once with :class:`EnginesBusy` while an engine is still
-  busy with earlier work (:mod:`ppu_lab.busy`); Ctrl-C during a call prints the same **hang report**
+  busy with earlier work (:mod:`ppu_lab.waits`); Ctrl-C during a call prints the same **hang report**
   (``cl.hang_report()``: where every rank is, :mod:`ppu_lab.hangs`) and the way out, ``cl.restart()``.
 - ``cl.restart()`` kills the engines, stuck ones too, and starts new ones under the same controller
   and client in a few seconds; ``cl.view`` and ``%%px`` then talk to the new engines.
@@ -40,8 +40,8 @@ import tempfile
 import time
 import warnings
 
-from ppu_lab import busy, hangs
-from ppu_lab.busy import ClusterError, ClusterTimeout, EnginesBusy
+from ppu_lab import hangs, waits
+from ppu_lab.waits import ClusterError, ClusterTimeout, EnginesBusy
 from ppu_lab.checks import real
 from ppu_lab.mpiexec import (TRANSIENT_MPI_INIT_HINT, MPIStartError, OversubscribeWarning, preflight,
                              transient_mpi_init_failure, usable_cores)
@@ -268,47 +268,12 @@ class MPICluster:
         self._pids = pids + self._engine_pids()
         self._watchdog.watch(self._pids, self._cleanup_commands())
 
-    @staticmethod
-    def _exit_code(launcher):
-        """Exit code of a launcher's process (mpiexec), or None while it runs."""
-        popen = getattr(launcher, "_popen_process", None)
-        if popen is not None:
-            return popen.poll()
-        if getattr(launcher, "state", "running") == "after":
-            return (getattr(launcher, "stop_data", None) or {}).get("exit_code", "?")
-        return None
-
     def _wait_for_engines(self) -> None:
-        deadline = time.monotonic() + self.timeout
-        es = self._engine_set()
-        while len(self._new_ids()) < self.n:
-            got = len(self._new_ids())
-            code = self._exit_code(es)
-            if code is not None:
-                raise ClusterError(f"The MPI engines exited before registering (mpiexec exit code {code}); "
-                                   f"{got} of {self.n} registered.\n--- engine output\n{self._engine_output()}")
-            if time.monotonic() > deadline:
-                raise ClusterError(f"Only {got} of {self.n} MPI engines registered within {self.timeout:.0f} s. "
-                                   "Engines may be slow on a loaded machine (raise timeout=) or failing.\n"
-                                   f"--- engine output\n{self._engine_output()}")
-            time.sleep(0.05)
+        waits.registration(self)
 
     def _rank_check(self, ids) -> list:
         """(rank, size) of each engine of ``ids``: their first MPI call (MPI_Init), with a deadline."""
-        ar = self.client[ids].apply_async(_rank_info)
-        try:
-            return ar.get(timeout=self.timeout)
-        except TimeoutError:
-            raise ClusterError(
-                f"The {self.n} engines registered but did not get through MPI_Init (their first MPI call) "
-                f"within {self.timeout:.0f} s. What to do: run `python -m ppu_lab.envcheck` (mpiexec and mpi4py "
-                "must come from the same MPI); try `mpiexec -n 2 python -c \"from mpi4py import MPI\"` in a "
-                "terminal; on a loaded machine raise timeout=. Then start again.\n"
-                f"--- engine output\n{self._engine_output()}") from None
-        except Exception as exc:  # noqa: BLE001 - an engine that dies in MPI_Init: say so, with its output
-            time.sleep(1)  # let the dying engines' last words reach their output
-            raise ClusterError(f"An MPI engine failed while initialising MPI ({type(exc).__name__}: {exc}).\n"
-                               f"--- engine output\n{self._engine_output()}") from exc
+        return waits.rank_check(self, ids, _rank_info)
 
     def _check_ranks(self, info) -> None:
         """The engines must be ranks 0..n-1 of one communicator of size n."""
@@ -325,7 +290,7 @@ class MPICluster:
         self.ranks = [r for (r, _), _ in by_rank]
         self.engine_ids = [eid for _, eid in by_rank]
         if self.view is None:
-            self.view = busy.checked_view(self.client, self.engine_ids)
+            self.view = waits.checked_view(self.client, self.engine_ids)
         else:  # restart: the same view (and so the same %%px magics) now talks to the new engines
             self.view.check = None
             self.view.targets = list(self.engine_ids)
@@ -335,8 +300,8 @@ class MPICluster:
         folder = self._stack_dir()
         paths = [os.path.join(folder, f"stack-{id(self)}-e{e}.txt") if folder else None for e in self.engine_ids]
         ars = [self.client[e].apply_async(_engine_setup, p) for e, p in zip(self.engine_ids, paths)]
-        self._engine_info = {r: busy.wait(self, ar, self.timeout, "the engines' set-up") for r, ar in zip(self.ranks, ars)}
-        self.view.check = functools.partial(busy.check_idle, self)
+        self._engine_info = {r: waits.wait(self, ar, self.timeout, "the engines' set-up") for r, ar in zip(self.ranks, ars)}
+        self.view.check = functools.partial(waits.check_idle, self)
 
     # -- calls ---------------------------------------------------------------------------------
     def apply(self, fn, *args, timeout: float | None = None, **kwargs) -> list:
@@ -350,8 +315,8 @@ class MPICluster:
         limit = self.call_timeout if timeout is None else self._seconds("timeout", timeout)
         self._require_running()
         what = f"cl.apply({getattr(fn, '__name__', 'fn')})"
-        busy.check_idle(self, what)  # EnginesBusy: nothing is sent
-        return busy.wait(self, self.client[self.engine_ids].apply_async(fn, *args, **kwargs), limit, what)
+        waits.check_idle(self, what)  # EnginesBusy: nothing is sent
+        return waits.wait(self, self.client[self.engine_ids].apply_async(fn, *args, **kwargs), limit, what)
 
     def _require_running(self) -> None:
         if not self.running:
@@ -409,7 +374,7 @@ class MPICluster:
         old_view = self.view
         self.stop()
         self.start()
-        busy.move_magics(old_view, self.view)
+        waits.move_magics(old_view, self.view)
         return self
 
     def __enter__(self) -> "MPICluster":

@@ -1,5 +1,5 @@
-"""Where is each MPI rank? The hang report, and the check that keeps new work from queueing behind
-a stuck engine (notebook 03, section 7; used by :class:`ppu_lab.cluster.MPICluster`).
+"""Where is each MPI rank? The hang report (notebook 03, section 7; ``cl.hang_report()``, and the
+messages of :mod:`ppu_lab.waits`).
 
 A rank that waits in a collective which another rank never calls waits forever, and so does every
 request queued behind it. The report says, for every rank, where its main thread is, reduced to
@@ -26,8 +26,8 @@ file and line but no source text, which the client fills in from its own ``linec
 can (functions defined in the notebook).
 
 Private ipyparallel API used here (pinned by ``tests/test_cluster.py``): ``Client._send`` on
-``Client._control_stream`` / ``Client._query_stream``, ``Client._engines`` (engine id -> uuid), and
-ipykernel's ``Kernel.control_handlers``.
+``Client._control_stream``, ``Client._engines`` (engine id -> uuid), and ipykernel's
+``Kernel.control_handlers``.
 """
 
 from __future__ import annotations

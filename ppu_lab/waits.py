@@ -1,17 +1,17 @@
-"""Waiting on the engines, never forever (notebook 03, section 7; used by :class:`ppu_lab.cluster.MPICluster`):
-the errors the cluster raises, the deadline and Ctrl-C handling of its calls, and the busy check
-that refuses new work at once instead of queueing it behind a stuck engine.
+"""Every wait on the MPI engines has a deadline (used by :class:`ppu_lab.cluster.MPICluster`;
+notebook 03, section 7): the errors a wait ends with, the start-up waits (engines registering,
+getting through ``MPI_Init``), the deadline and Ctrl-C handling of calls, and the busy check.
 
 ipyparallel queues each request behind the engine's current one. When that one never ends (a rank
 waiting in a collective another rank never called), every later cell waits forever too, silently.
 So ``cl.apply``, ``%%px`` cells and everything else sent through ``cl.view`` first ask the
 controller (the hub, which answers even when engines are stuck) which engines still have
-unfinished requests, and refuse with :class:`ppu_lab.cluster.EnginesBusy` (the hang report, and
-``cl.restart()``) if any has.
+unfinished requests, and refuse with :class:`EnginesBusy` (the hang report, and ``cl.restart()``)
+if any has.
 
 Private ipyparallel API used here (pinned by ``tests/test_cluster.py``): ``Client._send`` on
-``Client._query_stream``, and ``DirectView._really_apply``, the one method every apply, push and
-pull goes through.
+``Client._query_stream``, ``Client._mux_stream``, and ``DirectView._really_apply``, the one method
+every apply, push and pull goes through.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import time
 from ppu_lab import hangs
 from ppu_lab.mpiexec import MPIStartError
 
-__all__ = ["ClusterError", "ClusterTimeout", "EnginesBusy", "wait", "check_idle", "busy_engines", "checked_view",
-           "move_magics"]
+__all__ = ["ClusterError", "ClusterTimeout", "EnginesBusy", "registration", "rank_check", "wait", "check_idle",
+           "busy_engines", "checked_view", "move_magics"]
 
 
 class ClusterError(MPIStartError):
@@ -38,6 +38,50 @@ class ClusterTimeout(ClusterError, TimeoutError):
 
 class EnginesBusy(ClusterError):
     """New work refused: engines are still busy with earlier work (message: which, since when, where)."""
+
+
+def _exit_code(launcher):
+    """Exit code of a launcher's process (mpiexec), or None while it runs."""
+    popen = getattr(launcher, "_popen_process", None)
+    if popen is not None:
+        return popen.poll()
+    if getattr(launcher, "state", "running") == "after":
+        return (getattr(launcher, "stop_data", None) or {}).get("exit_code", "?")
+    return None
+
+
+def registration(cl) -> None:
+    """Until the ``cl.n`` new engines have registered: ClusterError when mpiexec exits first, or
+    after ``cl.timeout`` seconds, with the engines' output."""
+    deadline = time.monotonic() + cl.timeout
+    es = cl._engine_set()
+    while (got := len(cl._new_ids())) < cl.n:
+        code = _exit_code(es)
+        if code is not None:
+            raise ClusterError(f"The MPI engines exited before registering (mpiexec exit code {code}); "
+                               f"{got} of {cl.n} registered.\n--- engine output\n{cl._engine_output()}")
+        if time.monotonic() > deadline:
+            raise ClusterError(f"Only {got} of {cl.n} MPI engines registered within {cl.timeout:.0f} s. "
+                               "Engines may be slow on a loaded machine (raise timeout=) or failing.\n"
+                               f"--- engine output\n{cl._engine_output()}")
+        time.sleep(0.05)
+
+
+def rank_check(cl, ids, probe) -> list:
+    """``probe()`` on each engine of ``ids`` (their first MPI call, so MPI_Init), within ``cl.timeout``."""
+    ar = cl.client[ids].apply_async(probe)
+    try:
+        return ar.get(timeout=cl.timeout)
+    except TimeoutError:
+        raise ClusterError(
+            f"The {cl.n} engines registered but did not get through MPI_Init (their first MPI call) within "
+            f"{cl.timeout:.0f} s. What to do: run `python -m ppu_lab.envcheck` (mpiexec and mpi4py must come "
+            "from the same MPI); try `mpiexec -n 2 python -c \"from mpi4py import MPI\"` in a terminal; on a "
+            f"loaded machine raise timeout=. Then start again.\n--- engine output\n{cl._engine_output()}") from None
+    except Exception as exc:  # noqa: BLE001 - an engine that dies in MPI_Init: say so, with its output
+        time.sleep(1)  # let the dying engines' last words reach their output
+        raise ClusterError(f"An MPI engine failed while initialising MPI ({type(exc).__name__}: {exc}).\n"
+                           f"--- engine output\n{cl._engine_output()}") from exc
 
 
 def explain(cl, what: str) -> str:
