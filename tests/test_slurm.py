@@ -178,6 +178,8 @@ def test_no_value_can_inject_lines_into_the_batch_script(capsys):
             slurm.batch_script("true", 2, **kw)
     with pytest.raises(ValueError, match="extra entry"):  # the cluster checks at construction
         slurm.SlurmMPICluster(2, extra=["--mem=1G\nhostname"])
+    with pytest.raises(ValueError, match="env_setup"):
+        slurm.SlurmMPICluster(2, env_setup="module load mpich\x00")
     with pytest.raises(ValueError, match="default argument"):
         slurm.experiments_script(2, default_args=["--out", "x.jsonl\nrm -rf ~"])
     assert slurm.main(["script", "-n", "2", "--extra", "--qos=a\nrm -rf ~"]) == 2

@@ -12,7 +12,7 @@ from ppu_lab.cluster import MPICluster
 from ppu_lab.mpiexec import find_mpiexec
 from ppu_lab.slurm.commands import SlurmError, _require_commands, _run, cancel, job_state, submit
 from ppu_lab.slurm.preflight import _check_mpi_plugin, _job_root, _rank0_of_1_advice
-from ppu_lab.slurm.scripts import _check_options, batch_script
+from ppu_lab.slurm.scripts import _check_options, batch_script, no_control
 
 
 def _engine_launcher_class():
@@ -54,6 +54,8 @@ class SlurmMPICluster(MPICluster):
                  timeout: float = 120, **kwargs):
         super().__init__(n, ip=ip, timeout=timeout, **kwargs)
         _check_options(n, partition, time, account, nodes, extra, mpi)
+        if env_setup is not None:
+            no_control("env_setup", env_setup, lines=True)
         if not (isinstance(queue_timeout, (int, float)) and queue_timeout > 0):
             raise ValueError(f"queue_timeout (seconds the job may wait in the queue) must be > 0; got {queue_timeout!r}")
         self.slurm = dict(partition=partition, time=time, account=account, nodes=nodes, extra=list(extra or ()),
