@@ -148,11 +148,12 @@ def install(stack_path: str | None = None) -> dict:
     global _stack_file
     kernel = _ipython().kernel
     kernel.control_handlers[REQUEST] = _answer_where
-    if stack_path:
+    signum = getattr(signal, FAULT_SIGNAL, None)  # (not on Windows)
+    if stack_path and signum is not None:
         if _stack_file is not None:
             _stack_file.close()
         _stack_file = open(stack_path, "a")  # noqa: SIM115 - must stay open for the signal handler
-        faulthandler.register(getattr(signal, FAULT_SIGNAL), file=_stack_file, all_threads=True, chain=False)
+        faulthandler.register(signum, file=_stack_file, all_threads=True, chain=False)
     return {"pid": os.getpid(), "host": socket.gethostname(), "main_thread": threading.main_thread().ident,
             "stack_path": stack_path}
 
