@@ -15,11 +15,13 @@ def main():
     allsecs = comm.allgather(secs)
     assert all(np.array_equal(s, allsecs[0]) for s in allsecs)
     model = C.fit_alpha_beta(sizes, secs)
-    assert model.alpha > 0 and model.beta > 0
-    # (no assertion on the measured times themselves: on a loaded machine any one can be slow)
-    assert model.send(1 << 20) > model.send(8) > 0
+    # A MiB takes longer than 8 bytes (best of 5 rounds: load on the machine cannot reverse that),
+    # and the fitted line describes the largest message within a factor of 2.
+    assert secs[-1] > secs[0], secs
+    ratio = model.send(sizes[-1]) / secs[-1]
+    assert 0.5 < ratio < 2, (ratio, sizes, secs, model)
     if comm.Get_rank() == 0:
-        print(f"OK alpha={model.alpha:.3e} beta={model.beta:.3e}")
+        print(f"OK alpha={model.alpha:.3e} beta={model.beta:.3e} model/measured at 1 MiB={ratio:.2f}")
 
 
 if __name__ == "__main__":
