@@ -163,9 +163,9 @@ def launch(n: int, *args, timeout: float | None = LAUNCH_TIMEOUT, echo: bool = T
 
     job = mpiexec_command(n, sys.executable, "-m", "ppu_lab.experiments", "run", *map(str, args))
     shown = " ".join(job.cmd)
+    show = (lambda line: print(line, end="", flush=True)) if echo else None
     try:
-        code, output = stream(job.cmd, timeout, on_line=(lambda line: print(line, end="", flush=True)) if echo else None,
-                              env=job.environ({**os.environ, "PYTHONUNBUFFERED": "1"}))
+        code, output = stream(job.cmd, timeout, on_line=show, env=job.environ({**os.environ, "PYTHONUNBUFFERED": "1"}))
     except subprocess.TimeoutExpired as exc:
         raise TimeoutError(
             f"`{shown}` did not finish within {timeout:g} s and was stopped with all its ranks. The runs "
