@@ -29,8 +29,6 @@ import hashlib
 import os
 import sys
 import tempfile
-import threading
-import time
 import urllib.error
 import urllib.request
 import zlib
@@ -39,11 +37,6 @@ from pathlib import Path
 import numpy as np
 
 from ppu_lab.checks import integer
-
-try:  # POSIX (Linux, macOS). Without it the download still works, only unlocked.
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
 
 # Public mirrors of the official files, tried in order. Tests and users may replace the list
 # (``ppu_lab.data.MIRRORS = [...]`` or ``fetch --mirror URL``).
@@ -70,7 +63,6 @@ LOCK_TIMEOUT = 900.0  # seconds to wait for another process's download
 # IDX header: 0x00 0x00 <type> <ndim>, then ndim big-endian uint32 sizes.
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _IMAGES_MAGIC, _LABELS_MAGIC = 0x00000803, 0x00000801
-_thread_lock = threading.Lock()  # flock excludes processes; this also covers threads
 
 
 class MNISTError(ValueError):
@@ -176,37 +168,22 @@ def _read_labels(path) -> np.ndarray:
 # ----------------------------------------------------------------------------- download
 @contextlib.contextmanager
 def _folder_lock(folder: Path, timeout: float = LOCK_TIMEOUT):
-    """Exclusive lock on ``folder/LOCK_NAME`` (fcntl.flock), shared by processes and threads."""
-    if not _thread_lock.acquire(timeout=timeout):
-        raise MNISTError(f"timed out after {timeout:.0f} s waiting for another thread's MNIST download")
+    """Exclusive lock on ``folder/LOCK_NAME`` (the ``filelock`` package), across processes and threads."""
+    from filelock import FileLock, Timeout
+
+    lock_path = folder / LOCK_NAME
+    lock = FileLock(lock_path, timeout=timeout)
     try:
-        if fcntl is None:  # pragma: no cover
-            yield
-            return
-        lock_path = folder / LOCK_NAME
-        try:
-            fh = open(lock_path, "a+b")
-        except OSError as exc:
-            raise MNISTError(f"cannot create the lock file {lock_path} to download MNIST: {exc}") from exc
-        with fh:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise MNISTError(
-                            f"timed out after {timeout:.0f} s waiting for another process's MNIST "
-                            f"download (lock file {lock_path})"
-                        ) from None
-                    time.sleep(0.05)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        lock.acquire()
+    except Timeout:
+        raise MNISTError(f"timed out after {timeout:.0f} s waiting for another process's MNIST download "
+                         f"(lock file {lock_path}); if no download is running, delete that file") from None
+    except OSError as exc:
+        raise MNISTError(f"cannot create the lock file {lock_path} to download MNIST: {exc}") from exc
+    try:
+        yield
     finally:
-        _thread_lock.release()
+        lock.release()
 
 
 def _progress(total, name, enabled):

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from ppu_lab import data
 from ppu_lab.mpiexec import find_mpiexec, mpiexec_command, transient_mpi_init_failure
 from ppu_lab.procs import run as run_with_timeout
 
 ROOT = Path(__file__).resolve().parents[1]
 MPI_SCRIPTS = ROOT / "tests" / "mpi"
-SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist-10k"
 
 
 @pytest.fixture(scope="session")
@@ -58,9 +58,15 @@ def mpirun(mpiexec):
 
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
-    """Folder with MNIST IDX files: $PPU_LAB_DATA, else ../shared/data/mnist-10k."""
-    env = os.environ.get("PPU_LAB_DATA")
-    root = Path(env) if env else SHARED_MNIST
-    if not (root / "train-images-idx3-ubyte.gz").exists():
-        pytest.fail(f"MNIST not found in {root}: set PPU_LAB_DATA or run `python -m ppu_lab.data fetch`")
-    return root
+    """The MNIST folder, found where ``load_mnist`` finds it: ``$PPU_LAB_DATA``, else the default cache
+    (``~/.cache/ppu_lab/mnist``), and downloaded there when it is missing. CI points
+    ``$PPU_LAB_DATA`` at the 10,000-image sample beside the repository (``.ci/run``)."""
+    try:
+        return find_mnist()
+    except data.MNISTError as exc:
+        pytest.fail(f"this test needs MNIST, and the lab could neither find nor download it:\n{exc}")
+
+
+def find_mnist() -> Path:
+    """What ``mnist_root`` does, as a function its own test can call (tests/test_data.py)."""
+    return data.fetch_mnist(progress=False)

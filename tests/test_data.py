@@ -28,9 +28,14 @@ from ppu_lab.data import MNISTError, MNISTNotFoundError, load_mnist, make_ridge_
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = data.FILES  # train images, train labels, test images, test labels
 
-# From ../shared/data/README.md (the 10k sample).
-TRAIN_COUNTS = [773, 905, 834, 803, 788, 723, 756, 813, 787, 818]
-TEST_COUNTS = [207, 230, 198, 207, 194, 169, 202, 215, 187, 191]
+# Label counts of the two MNIST sets the tests may meet: the 10k sample beside the repository
+# (../shared/data/README.md) and the official full set, which a newcomer's clone downloads.
+LABEL_COUNTS = {
+    8000: ([773, 905, 834, 803, 788, 723, 756, 813, 787, 818], [207, 230, 198, 207, 194, 169, 202, 215, 187, 191]),
+    60000: ([5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949],
+            [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]),
+}
+TEST_SIZE = {8000: 2000, 60000: 10000}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -143,17 +148,37 @@ def fake(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- real data
-def test_load_mnist_10k_sample(mnist_root):
+def test_load_mnist_real_data(mnist_root):
+    """The 10k sample or the full official set, whichever the tests found: shapes, range, labels."""
     x_train, y_train, x_test, y_test = load_mnist(mnist_root, download=False)
-    assert x_train.shape == (8000, 28, 28) and x_test.shape == (2000, 28, 28)
-    assert y_train.shape == (8000,) and y_test.shape == (2000,)
+    assert len(x_train) in LABEL_COUNTS, f"neither the 10k sample nor the full MNIST: {len(x_train)} images"
+    train_counts, test_counts = LABEL_COUNTS[len(x_train)]
+    assert x_train.shape[1:] == x_test.shape[1:] == (28, 28) and len(x_test) == TEST_SIZE[len(x_train)]
     assert x_train.dtype == x_test.dtype == np.float32
     assert y_train.dtype == y_test.dtype == np.int64
     for x in (x_train, x_test):
         assert x.min() == 0.0 and x.max() == 1.0
         assert 0.11 < x.mean() < 0.15  # MNIST's mean pixel is about 0.13
-    assert np.bincount(y_train, minlength=10).tolist() == TRAIN_COUNTS
-    assert np.bincount(y_test, minlength=10).tolist() == TEST_COUNTS
+    assert np.bincount(y_train, minlength=10).tolist() == train_counts
+    assert np.bincount(y_test, minlength=10).tolist() == test_counts
+
+
+def test_tests_find_mnist_where_load_mnist_does(tmp_path, mirror, fake, monkeypatch):
+    """A newcomer's clone has no ../shared: the tests' MNIST comes from $PPU_LAB_DATA, else the
+    default cache, else a download into that cache (here from a local mirror)."""
+    from conftest import find_mnist
+
+    arrays, files = fake
+    monkeypatch.setattr(data, "MIRRORS", [mirror.serve("good", files)])
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("PPU_LAB_DATA", raising=False)
+    cache = tmp_path / "home" / ".cache" / "ppu_lab" / "mnist"
+    assert find_mnist() == cache  # downloaded, as `python -m ppu_lab.data fetch` would
+    assert sum(mirror.hits.values()) == 4
+    check_equal(load_mnist(cache, download=False), arrays)
+    assert find_mnist() == cache and sum(mirror.hits.values()) == 4  # the filled cache is found, no download
+    monkeypatch.setenv("PPU_LAB_DATA", str(write_folder(tmp_path / "env", files)))
+    assert find_mnist() == tmp_path / "env"  # the variable comes first (CI points it at the sample)
 
 
 def test_folder_order(monkeypatch, tmp_path):
@@ -309,14 +334,16 @@ def test_all_mirrors_fail_lists_what_was_tried(tmp_path, mirror, fake, refused_u
 
 def _fetch_worker(url, md5, barrier, queue):
     """Runs in a spawned process (a fresh import of ppu_lab.data): set the test mirror and
-    sums, wait for the other process, then load MNIST from $PPU_LAB_DATA (fetching it)."""
+    sums, wait for the other process, then load MNIST from $PPU_LAB_DATA (fetching it).
+    Reports when its load started and ended (time.time: comparable across processes)."""
     data.MIRRORS, data.MD5 = [url], md5
     barrier.wait(timeout=60)
+    start = time.time()
     try:
         x_train, y_train, x_test, y_test = load_mnist()
-        queue.put(("ok", float(x_train.sum()), int(y_test.sum())))
+        queue.put(("ok", float(x_train.sum()), int(y_test.sum()), start, time.time()))
     except Exception as exc:  # report, do not hang the parent
-        queue.put(("error", repr(exc), 0))
+        queue.put(("error", repr(exc), 0, start, time.time()))
 
 
 def test_concurrent_processes_download_once(tmp_path, mirror, fake, monkeypatch):
@@ -337,6 +364,11 @@ def test_concurrent_processes_download_once(tmp_path, mirror, fake, monkeypatch)
     assert all(np.isclose(r[1], x_sum) and r[2] == int(arrays[NAMES[3]].sum()) for r in results)
     assert {n: mirror.hits[f"/good/{n}"] for n in NAMES} == dict.fromkeys(NAMES, 1)  # one download
     assert leftovers(tmp_path / "shared") == sorted(NAMES)
+    # The two loads overlapped in time (each started before the other ended): one process waited
+    # for the other's download on the lock, and neither read a half-written file.
+    (_, _, _, start_a, end_a), (_, _, _, start_b, end_b) = results
+    assert start_a < end_b and start_b < end_a, results
+    assert max(end_a, end_b) - min(start_a, start_b) >= 4 * mirror.delay  # the download did take place
 
 
 def test_concurrent_threads_download_once(tmp_path, mirror, fake, monkeypatch):

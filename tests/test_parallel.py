@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -91,11 +90,9 @@ def test_check_all_and_allreduce_sum(mpirun, n):
 
 
 def test_mpi_main_aborts_job_when_one_rank_raises(mpirun):
-    start = time.perf_counter()
-    proc = mpirun(3, "parallel_abort.py", 1, timeout=30, check=False)
+    proc = mpirun(3, "parallel_abort.py", 1, timeout=20, check=False)  # a hang would fail at the timeout
     assert proc.returncode != 0
     assert "rank 1: RuntimeError: injected failure before the barrier" in proc.stderr
-    assert time.perf_counter() - start < 20
 
 
 # --------------------------------------------------------------------------- ridge SGD under mpiexec
@@ -122,10 +119,8 @@ def test_failure_on_one_rank_raises_on_every_rank(mpirun, mode, n):
 
     The script asserts the exception type and message on every rank (diverge: ridge.sgd's message).
     """
-    start = time.perf_counter()
-    proc = mpirun(n, "ridge_errors.py", mode, timeout=60)
+    proc = mpirun(n, "ridge_errors.py", mode, timeout=30)  # a rank left waiting would fail at the timeout
     assert proc.stdout.count("caught ") == 2, proc.stdout
-    assert time.perf_counter() - start < 30
 
 
 @pytest.mark.parametrize("mode, n, text", [
@@ -134,11 +129,9 @@ def test_failure_on_one_rank_raises_on_every_rank(mpirun, mode, n):
     ("nan_step", 2, "rank 1: the gradient of this rank's shard"),
 ])
 def test_uncaught_failure_ends_the_job_with_its_message(mpirun, mode, n, text):
-    start = time.perf_counter()
-    proc = mpirun(n, "ridge_errors.py", mode, "uncaught", timeout=30, check=False)
+    proc = mpirun(n, "ridge_errors.py", mode, "uncaught", timeout=20, check=False)
     assert proc.returncode != 0
     assert text in proc.stderr, proc.stderr
-    assert time.perf_counter() - start < 20
 
 
 @pytest.mark.parametrize("n", [2, 3])

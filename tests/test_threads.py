@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ppu_lab import ridge, threads
+from ppu_lab.mpiexec import usable_cores
 from ppu_lab.data import make_ridge_data
 
 
@@ -180,7 +181,7 @@ def test_hogwild_reports_divergence(big):
 def test_gil_report_matches_the_interpreter():
     rep = threads.gil_report()
     expected = sys._is_gil_enabled() if hasattr(sys, "_is_gil_enabled") else True
-    assert rep["gil_enabled"] == expected and rep["cpus"] >= 1
+    assert rep["gil_enabled"] == expected and rep["cpus"] == usable_cores()
     assert rep["python"] == sys.version.split()[0]
 
 
@@ -202,9 +203,10 @@ def test_time_threads_and_break_even_measure_every_setting():
     rng = np.random.default_rng(0)
     X, y, w = rng.standard_normal((400, 8)), rng.standard_normal(400), rng.standard_normal(8)
     t = threads.time_threads(ridge.data_gradient, w, X, y, threads=(1, 2, 4), repeat=2)
-    assert t.shape == (3,) and np.all(np.isfinite(t)) and np.all(t > 0)
+    assert t.shape == (3,) and np.all(np.isfinite(t))
     be = threads.break_even([64, 8, 512], d=4, n_threads=2, repeat=2)
-    assert list(be.batch_sizes) == [8, 64, 512] and np.all(be.serial > 0) and np.all(be.threaded > 0)
+    assert list(be.batch_sizes) == [8, 64, 512] and be.serial.shape == be.threaded.shape == (3,)
+    assert np.all(np.isfinite(be.serial)) and np.all(np.isfinite(be.threaded))
     assert _ours_alive() == []
     with pytest.raises(ValueError, match="n_threads"):
         threads.time_threads(ridge.data_gradient, w, X, y, threads=(0,))
