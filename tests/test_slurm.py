@@ -148,6 +148,59 @@ def test_bad_options_are_value_errors():
             slurm.SlurmMPICluster(2, **kw)
 
 
+def test_no_value_can_inject_lines_into_the_batch_script(capsys):
+    """A newline in any value would start a new line of the script (an #SBATCH option or a command)."""
+    evil = "\n#SBATCH --qos=free\nrm -rf ~"
+    cases = [({"extra": ["--qos=debug" + evil]}, "extra"), ({"job_name": "grid" + evil}, "job_name"),
+             ({"output": "out.txt" + evil}, "output"), ({"partition": "short\n"}, "partition"),
+             ({"account": "proj\n"}, "account"), ({"time": "30\n"}, "time"),
+             ({"env_setup": "module load mpich\r\x1b[2J"}, "env_setup"),
+             ({"mpi": "mpiexec", "mpiexec": "/usr/bin/mpiexec" + evil}, "mpiexec")]
+    for kw, name in cases:
+        with pytest.raises(ValueError, match=name):
+            slurm.batch_script("true", 2, **kw)
+    with pytest.raises(ValueError, match="extra entry"):  # the cluster checks at construction
+        slurm.SlurmMPICluster(2, extra=["--mem=1G\nhostname"])
+    with pytest.raises(ValueError, match="default argument"):
+        slurm.experiments_script(2, default_args=["--out", "x.jsonl\nrm -rf ~"])
+    assert slurm.main(["script", "-n", "2", "--extra", "--qos=a\nrm -rf ~"]) == 2
+    assert "newlines" in capsys.readouterr().err
+
+    # Free text is quoted the way sbatch reads #SBATCH lines (quotes group, backslash escapes, # is
+    # a comment outside quotes); env_setup keeps its lines, after the #SBATCH block.
+    text = slurm.batch_script("true", 2, job_name="my grid #1", output='/scratch/a "b"/out-%j.txt',
+                              env_setup="module load mpich\nsource .venv/bin/activate")
+    sbatch = [ln for ln in text.splitlines() if ln.startswith("#SBATCH")]
+    assert sbatch == ['#SBATCH --job-name="my grid #1"', "#SBATCH --ntasks=2", "#SBATCH --cpus-per-task=1",
+                      "#SBATCH --time=00:30:00", '#SBATCH --output="/scratch/a \\"b\\"/out-%j.txt"']
+    lines = text.splitlines()
+    assert lines.index("module load mpich") > lines.index("set -e")
+    assert "source .venv/bin/activate" in lines
+
+
+def test_a_slurm_command_that_hangs_is_stopped_with_advice(tmp_path, monkeypatch):
+    """squeue that never answers (a controller that is down): SlurmError within the timeout, nothing left."""
+    import psutil
+
+    from ppu_lab.slurm import commands
+
+    pids = tmp_path / "pids"
+    for name in ("squeue", "sbatch", "scancel", "sinfo"):
+        fake = tmp_path / name
+        fake.write_text(f"#!/bin/sh\necho $$ >> {pids}\nsleep 300 &\necho $! >> {pids}\nwait\n")
+        fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(commands, "TIMEOUT", 1.0)
+    with pytest.raises(slurm.SlurmError, match=r"did not answer `squeue -h -j 42 -o %T` within 1 s[\s\S]*sinfo"):
+        slurm.job_state("42")
+    with pytest.raises(slurm.SlurmError, match="did not answer `sbatch"):
+        slurm.submit(tmp_path / "job.sbatch")
+    assert "did not answer" in slurm.slurm_status()
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) == 6  # squeue, sbatch, sinfo: each a shell and its sleep
+    assert [p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE] == []
+
+
 # --------------------------------------------------------------------------- batch runs
 
 
