@@ -1,3 +1,4 @@
+#!/usr/bin/env bash
 # shellcheck shell=bash
 # A multi-node test Slurm on ONE machine: sourced by setup.sh (--nodes N) and teardown.sh.
 #
