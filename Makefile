@@ -45,9 +45,10 @@ lab: $(STAMP)
 test: $(STAMP)
 	$(RUN) PPU_LAB_QUICK=$${PPU_LAB_QUICK:-1} scripts/slurm/with-slurm.sh $(BIN)/python -m pytest tests notebooks \
 	    --nbval-lax --nbval-current-env --ignore=tests/test_slurm_nodes.py $(PYTEST_ARGS)
-# the two-node Slurm leg (exit 5: PYTEST_ARGS selected none of its tests)
+# the two-node Slurm leg; no notebooks, so no nbval (its import alone takes ~6 s); exit 5: PYTEST_ARGS
+# selected none of its tests
 	$(RUN) PPU_LAB_QUICK=$${PPU_LAB_QUICK:-1} scripts/slurm/with-slurm.sh --nodes 2 $(BIN)/python -m pytest \
-	    tests/test_slurm_nodes.py $(PYTEST_ARGS) || [ $$? = 5 ]
+	    -p no:nbval tests/test_slurm_nodes.py $(PYTEST_ARGS) || [ $$? = 5 ]
 
 clean-venv:
 	rm -rf $(VENV)

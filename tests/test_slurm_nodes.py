@@ -14,7 +14,8 @@ reset: what a power loss looks like from the other node). The stated bound for t
 other node, with an error naming the lost node, is ``LOSS_BOUND_S`` below, from the cluster's own
 settings: Slurm declares a silent node DOWN after ``SlurmdTimeout`` (pinging every third of it),
 then kills the job everywhere (``KillWait``), each step bounded by ``MessageTimeout``; plus 10 s
-for the lab's polling and a loaded machine. Measured here: 14-20 s for a bound of 33 s.
+for the lab's polling and a loaded machine. Measured here, bound 33 s: 15-19 s for the batch grid,
+21-26 s for ``cl.apply`` (which also stops the cluster before raising).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def two_nodes():
         if _FLAG == "1" and os.environ.get("PPU_LAB_SLURM_NODES") == "2":
             pytest.fail(f"with-slurm.sh --nodes 2 started the two-node Slurm, but it is not usable: {reason}")
         why = _FLAG[5:] if _FLAG.startswith("skip:") else (
-            "run `make test` as root, or scripts/slurm/with-slurm.sh --nodes 2 python -m pytest tests/test_slurm_nodes.py")
+            "run `make test` as root, or "
+            "scripts/slurm/with-slurm.sh --nodes 2 python -m pytest tests/test_slurm_nodes.py")
         pytest.skip(f"no two-node test Slurm ({reason}); {why}")
     return NODES
 
@@ -118,6 +120,51 @@ def _bridge_address() -> str:
     return re.search(r"inet (\S+)/", out).group(1)
 
 
+# --------------------------------------------------------------------------- without a cluster
+
+
+def _fake_sinfo(tmp_path, monkeypatch, lines: str, code: int = 0):
+    fake = tmp_path / "sinfo"
+    fake.write_text(f"#!/bin/sh\nprintf '%s' '{lines}'\nexit {code}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+
+
+def test_controller_ip_is_loopback_one_address_or_all_interfaces(tmp_path, monkeypatch):
+    from ppu_lab.slurm import nodes as slurm_nodes
+
+    _fake_sinfo(tmp_path, monkeypatch, "vm 127.0.0.1\nvm2 localhost\n")  # the one-node test Slurm
+    assert slurm.controller_ip() == ("127.0.0.1", "loopback: the nodes (vm, vm2) are this machine")
+    _fake_sinfo(tmp_path, monkeypatch, "n1 10.0.0.11\nn2 10.0.0.12\nn3 10.1.0.13\n")
+    routes = {"10.0.0.11": "10.0.0.1", "10.0.0.12": "10.0.0.1", "10.1.0.13": "10.1.0.1"}  # two networks
+    monkeypatch.setattr(slurm_nodes, "_source_address", routes.__getitem__)
+    ip, why = slurm.controller_ip()
+    assert ip == "*" and "10.0.0.1 for n1, n2; 10.1.0.1 for n3" in why
+    _fake_sinfo(tmp_path, monkeypatch, "n1 10.0.0.11\nn2 10.0.0.12\n")  # one network: its address
+    assert slurm.controller_ip()[0] == "10.0.0.1"
+    _fake_sinfo(tmp_path, monkeypatch, "n1 no-such-host.invalid\n")
+    assert slurm.controller_ip()[0] == "*"
+    _fake_sinfo(tmp_path, monkeypatch, "slurm_load_partitions: Unable to contact slurm controller", code=1)
+    ip, why = slurm.controller_ip()
+    assert ip == "*" and "Unable to contact" in why
+
+
+def test_scontrol_records_are_read_with_spaces_in_values():
+    from ppu_lab.slurm.nodes import _fields
+
+    line = ("NodeName=ppulab-n2 Arch=x86_64 OS=Linux 6.1 #1 SMP  RealMemory=11449 State=DOWN+NOT_RESPONDING "
+            "ReqB:S:C:T=0:0:*:* CPUs/Task=1 Reason=Not responding [root@2026-12-02T23:59:51]")
+    f = _fields(line)
+    assert (f["NodeName"], f["State"], f["Reason"]) == ("ppulab-n2", "DOWN+NOT_RESPONDING",
+                                                       "Not responding [root@2026-12-02T23:59:51]")
+    assert (f["OS"], f["ReqB:S:C:T"], f["CPUs/Task"]) == ("Linux 6.1 #1 SMP", "0:0:*:*", "1")
+
+
+def test_wait_refuses_what_is_not_a_job_id(capsys):
+    assert slurm.main(["wait", "12; scancel -u root"]) == 2
+    assert "job must be a Slurm job id" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- one communicator on two hosts
 
 
@@ -153,13 +200,20 @@ def within_node(two_nodes):
 
 
 @pytest.fixture(scope="class")
-def engines(two_nodes, within_node, tmp_path_factory):
+def cluster(two_nodes, within_node, tmp_path_factory):
+    """One SlurmMPICluster on both nodes for the class (a start costs ~10 s); stopped after it."""
     os.environ["PPU_LAB_SLURM_JOBS"] = str(tmp_path_factory.mktemp("engine-jobs"))
+    cl = slurm.SlurmMPICluster(2, nodes=2, time="00:10:00")
     try:
-        with slurm.SlurmMPICluster(2, nodes=2, time="00:10:00") as cl:
-            yield cl
+        yield cl
     finally:
+        cl.stop()
         os.environ.pop("PPU_LAB_SLURM_JOBS", None)
+
+
+@pytest.fixture
+def engines(cluster):
+    return cluster if cluster.running else cluster.start()
 
 
 @pytest.mark.timeout(300)
@@ -204,6 +258,40 @@ class TestEnginesOnTwoNodes:
         # shared memory across "nodes", as UCX does unless each node has its own IPC namespace).
         assert across.beta > 2 * within_node.beta, rows
         assert across.alpha > within_node.alpha, rows
+
+    # Last in the class (it ends the cluster; `engines` starts it again for any test after it).
+    def test_losing_a_node_under_cl_apply_raises_naming_it(self, engines):
+        import psutil
+
+        bound = _loss_bound()
+        X, y, _ = make_ridge_data(300, 5, seed=3)
+        cl, started = engines, []
+        try:
+            host_pids = list(cl._pids) + [cl._watchdog.pid]
+
+            def cut():
+                started.append(time.monotonic())
+                _node_cmd("cut", 2)
+
+            timer = threading.Timer(1.0, cut)  # the training below runs for hours unless interrupted
+            timer.start()
+            with pytest.raises(slurm.SlurmError) as err:
+                cl.apply(sgd_allreduce, X, y, lam=0.1, lr=1e-6, batch_size=16, epochs=10**7)
+            took = time.monotonic() - started[0]
+            timer.join()
+            print(f"\nnode 2 cut during cl.apply(sgd_allreduce); SlurmError after {took:.1f} s (bound {bound:.0f} s):"
+                  f"\n{err.value}")
+            assert re.search(r"ended while sgd_allreduce\(\) ran[\s\S]*NODE_FAIL: Slurm lost node\(s\) ppulab-n2",
+                             str(err.value)), err.value
+            assert took < bound, f"the error came {took:.0f} s after the cut; the stated bound is {bound:.0f} s"
+            assert not cl.running and _jobs() == []
+            assert _node_processes(NODES[0]) == []
+            assert [p for p in host_pids if p and psutil.pid_exists(p) and
+                    psutil.Process(p).status() != psutil.STATUS_ZOMBIE] == []  # controller, watchdog
+        finally:
+            cl.stop()
+            _node_cmd("revive", 2)
+        assert _node_processes(NODES[1]) == []
 
 
 # --------------------------------------------------------------------------- batch runs on two nodes
@@ -285,40 +373,4 @@ def test_losing_a_node_ends_the_batch_grid_naming_it_and_keeps_finished_runs(nod
         assert 1 <= len(before) < 20
     finally:
         _node_cmd("revive", 2)  # a "reboot": whatever was left on the lost node dies, slurmd returns
-    assert _node_processes(NODES[1]) == []
-
-
-@pytest.mark.timeout(300)
-def test_losing_a_node_under_a_notebook_cluster_raises_naming_it(nodes):
-    import psutil
-
-    bound = _loss_bound()
-    X, y, _ = make_ridge_data(300, 5, seed=3)
-    cl = slurm.SlurmMPICluster(2, nodes=2, time="00:10:00").start()
-    started = []
-    try:
-        host_pids = list(cl._pids) + [cl._watchdog.pid]
-
-        def cut():
-            started.append(time.monotonic())
-            _node_cmd("cut", 2)
-
-        timer = threading.Timer(1.0, cut)  # the training below runs for hours unless interrupted
-        timer.start()
-        with pytest.raises(slurm.SlurmError) as err:
-            cl.apply(sgd_allreduce, X, y, lam=0.1, lr=1e-6, batch_size=16, epochs=10**7)
-        took = time.monotonic() - started[0]
-        timer.join()
-        print(f"\nnode 2 cut during cl.apply(sgd_allreduce); SlurmError after {took:.1f} s (bound {bound:.0f} s):"
-              f"\n{err.value}")
-        assert re.search(r"ended while sgd_allreduce\(\) ran[\s\S]*NODE_FAIL: Slurm lost node\(s\) ppulab-n2",
-                         str(err.value)), err.value
-        assert took < bound, f"the error came {took:.0f} s after the cut; the stated bound is {bound:.0f} s"
-        assert not cl.running and _jobs() == []
-        assert _node_processes(NODES[0]) == []
-        assert [p for p in host_pids if p and psutil.pid_exists(p) and
-                psutil.Process(p).status() != psutil.STATUS_ZOMBIE] == []  # controller, watchdog
-    finally:
-        cl.stop()
-        _node_cmd("revive", 2)
     assert _node_processes(NODES[1]) == []

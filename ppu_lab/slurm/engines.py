@@ -173,7 +173,7 @@ class SlurmMPICluster(MPICluster):
     def _lost_job(self, fn, cause=None):
         job, what = self.job_id, getattr(fn, "__name__", repr(fn))
         try:
-            end = describe(job_end(job, timeout=120))
+            end = describe(job_end(job, timeout=120, poll=0.25))
         except SlurmError as exc:
             end = str(exc)
         self.stop()

@@ -97,7 +97,8 @@ def controller_ip(partition: str | None = None) -> tuple[str, str]:
         (ip, names), = sources.items()
         if ip == "127.0.0.1":
             return ip, f"loopback: the nodes ({', '.join(names)}) are this machine"
-        return ip, f"this machine's address on the route to the nodes ({', '.join(names[:4])}{' ...' * (len(names) > 4)})"
+        more = " ..." if len(names) > 4 else ""
+        return ip, f"this machine's address on the route to the nodes ({', '.join(names[:4])}{more})"
     seen = "; ".join(f"{ip} for {', '.join(n[:3])}" for ip, n in sources.items())
     return "*", f"all interfaces: the nodes are reached through different addresses of this machine ({seen})"
 

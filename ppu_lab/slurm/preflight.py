@@ -48,9 +48,9 @@ def preflight(n: int = 2, *, probe: bool = True, timeout: float = 300, **options
     Checks, cheapest first: the Slurm commands exist; the MPI plugin exists (``srun --mpi=list``);
     ``sbatch --test-only`` accepts the request (partition, account, time, tasks: Slurm's message
     otherwise). With ``probe=True`` it then runs a tiny job (``sbatch --wait``) in which every task
-    reports its MPI rank, size and host (``info["hosts"]``: rank r ran on ``hosts[r]``), and raises :class:`SlurmError` with what to change when the
-    tasks are not one communicator (the "every engine is rank 0 of 1" case). ``options`` are
-    those of :func:`batch_script`.
+    reports its MPI rank, size and host (``info["hosts"]``: rank r ran on ``hosts[r]``), and raises
+    :class:`SlurmError` with what to change when the tasks are not one communicator (the "every
+    engine is rank 0 of 1" case). ``options`` are those of :func:`batch_script`.
     """
     mpi = options.get("mpi", "pmi2")
     job_dir = options.pop("job_dir", None)

@@ -37,6 +37,7 @@ NODES_NS=/run/ppu-lab-slurm-ns             # bind mounts that keep the UTS and I
 NODES_MARK="# ppu-lab-slurm-nodes"
 
 nodes_addr() { echo "$NODES_NET.$((10 + $1))"; }   # node i's address
+live() { local p; for p in "$@"; do ps -o stat= -p "$p" 2>/dev/null | grep -qv '^Z' && echo "$p"; done; }  # not zombies
 nodes_in() {  # i command...: run a command inside node i (network and hostname)
     local i=$1; shift
     nsenter --net="/run/netns/$NODES_PREFIX$i" --uts="$NODES_NS/uts-$NODES_PREFIX$i" \
@@ -101,8 +102,9 @@ nodes_down() {
         for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$NODES_PREFIX[0-9]*$"); do
             pids="$pids $(ip netns pids "$ns" 2>/dev/null)"
         done
-        for p in "$NODES_DIR"/run/*.pid; do [ -s "$p" ] && kill -0 "$(cat "$p")" 2>/dev/null && pids="$pids $(cat "$p")"; done
-        [ -z "${pids// /}" ] && break
+        for p in "$NODES_DIR"/run/*.pid; do [ -s "$p" ] && pids="$pids $(cat "$p")"; done
+        pids=$(live $pids)
+        [ -z "$pids" ] && break
         [ "$k" = 30 ] && kill -KILL $pids 2>/dev/null
         sleep 0.1
     done
@@ -131,56 +133,12 @@ nodes_down() {
 }
 
 # Is the node cluster's controller running (started by setup.sh --nodes)?
-nodes_ctld_alive() { [ -s "$NODES_DIR/run/slurmctld.pid" ] && kill -0 "$(cat "$NODES_DIR/run/slurmctld.pid")" 2>/dev/null; }
-
-# slurm.conf for n nodes of c CPUs and m MB each, controller on the host's bridge address.
-nodes_conf() {
-    local n=$1 c=$2 m=$3 host=$4 i
-    cat <<CONF
-# $n nodes ($NODES_PREFIX[1-$n], $c CPUs and $m MB each), each a network namespace on this machine
-# (scripts/slurm/nodes.sh); controller on the host ($host, $NODES_NET.1); for tests only.
-ClusterName=ppulab
-SlurmctldHost=$host($NODES_NET.1)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CryptoType=crypto/munge
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-ReturnToService=2
-MailProg=/bin/true
-KillWait=5
-MinJobAge=30
-SlurmctldTimeout=30
-# A node that does not answer for SlurmdTimeout s is DOWN and its jobs end (NODE_FAIL): the
-# node-loss test's time bound rests on these two values.
-SlurmdTimeout=10
-MessageTimeout=5
-StateSaveLocation=$NODES_DIR/ctld
-SlurmdSpoolDir=$NODES_DIR/spool/%n
-SlurmctldPidFile=$NODES_DIR/run/slurmctld.pid
-SlurmdPidFile=$NODES_DIR/run/slurmd-%n.pid
-SlurmctldLogFile=$NODES_DIR/log/slurmctld.log
-SlurmdLogFile=$NODES_DIR/log/slurmd-%n.log
-SlurmctldDebug=info
-SlurmdDebug=info
-CONF
-    for i in $(seq "$n"); do
-        echo "NodeName=$NODES_PREFIX$i NodeAddr=$(nodes_addr "$i") CPUs=$c RealMemory=$m State=UNKNOWN"
-    done
-    echo "PartitionName=debug Nodes=$NODES_PREFIX[1-$n] Default=YES MaxTime=INFINITE State=UP"
-}
+nodes_ctld_alive() { [ -s "$NODES_DIR/run/slurmctld.pid" ] && [ -n "$(live "$(cat "$NODES_DIR/run/slurmctld.pid")")" ]; }
 
 nodes_kill_all() {  # i: SIGKILL every process in node i's namespaces, wait until they are gone
     local ns=$NODES_PREFIX$1 pids k
     for k in $(seq 50); do
-        pids=$(ip netns pids "$ns" 2>/dev/null)
+        pids=$(live $(ip netns pids "$ns" 2>/dev/null))
         [ -z "$pids" ] && return 0
         kill -KILL $pids 2>/dev/null
         sleep 0.1

@@ -64,7 +64,7 @@ if [ "$NODES" = 1 ]; then
     fi
 elif nodes_ctld_alive; then
     if [ "$(idle_nodes)" = "$NODES" ]; then say "Slurm already up ($NODES nodes idle); nothing to do [$(elapsed) s]"; exit 0; fi
-elif alive "$STATE/run/slurmctld.pid" || pgrep -x slurmctld >/dev/null 2>&1; then
+elif alive "$STATE/run/slurmctld.pid" || [ -n "$(live $(pgrep -x slurmctld))" ]; then  # (a zombie is no controller)
     die 15 "a slurmctld is running already (the one-node test Slurm?): scripts/slurm/teardown.sh first"
 fi
 [ "$(id -u)" = 0 ] || die 10 "not root (uid $(id -u)): installing and starting slurmctld/slurmd/munged needs root"
@@ -118,6 +118,28 @@ start_munge() {  # key (the Debian package makes one; create it if missing), the
         || die 12 "munged did not start: $(tail -3 "$STATE/log/munged.out" 2>/dev/null)"
 }
 
+common_conf() {  # the slurm.conf lines both test clusters share
+    cat <<'CONF'
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CryptoType=crypto/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+ReturnToService=2
+MailProg=/bin/true
+KillWait=5
+MinJobAge=30
+SlurmctldTimeout=30
+CONF
+}
+
 LOG="$STATE/log"
 start() {  # name pidfile [command ...] (default: the command is name); output in $LOG/name.out
     local name=$1 pid=$2; shift 2
@@ -126,6 +148,34 @@ start() {  # name pidfile [command ...] (default: the command is name); output i
     "$@" >>"$LOG/$name.out" 2>&1 || die 12 "$name failed: $(tail -5 "$LOG/$name.out" "$LOG/$name.log" 2>/dev/null)"
     for _ in $(seq 50); do alive "$pid" && return; sleep 0.1; done
     die 12 "$name exited after start: $(tail -5 "$LOG/$name.log" 2>/dev/null)"
+}
+
+# slurm.conf for n nodes of c CPUs and m MB each, controller on the host's bridge address.
+nodes_conf() {
+    local n=$1 c=$2 m=$3 host=$4 i
+    cat <<CONF
+# $n nodes ($NODES_PREFIX[1-$n], $c CPUs and $m MB each), each a network namespace on this machine
+# (scripts/slurm/nodes.sh); controller on the host ($host, $NODES_NET.1); for tests only.
+ClusterName=ppulab
+SlurmctldHost=$host($NODES_NET.1)
+$(common_conf)
+# A node that does not answer for SlurmdTimeout s is DOWN and its jobs end (NODE_FAIL); the
+# node-loss tests' time bound is computed from these two and KillWait.
+SlurmdTimeout=10
+MessageTimeout=5
+StateSaveLocation=$NODES_DIR/ctld
+SlurmdSpoolDir=$NODES_DIR/spool/%n
+SlurmctldPidFile=$NODES_DIR/run/slurmctld.pid
+SlurmdPidFile=$NODES_DIR/run/slurmd-%n.pid
+SlurmctldLogFile=$NODES_DIR/log/slurmctld.log
+SlurmdLogFile=$NODES_DIR/log/slurmd-%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+CONF
+    for i in $(seq "$n"); do
+        echo "NodeName=$NODES_PREFIX$i NodeAddr=$(nodes_addr "$i") CPUs=$c RealMemory=$m State=UNKNOWN"
+    done
+    echo "PartitionName=debug Nodes=$NODES_PREFIX[1-$n] Default=YES MaxTime=INFINITE State=UP"
 }
 
 # Steps 2-4 for N nodes (scripts/slurm/nodes.sh has the network part).
@@ -172,23 +222,7 @@ $MARK
 # One node ($host, $cpus CPUs, $mem_mb MB), root runs everything; for tests only.
 ClusterName=ppulab
 SlurmctldHost=$host
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CryptoType=crypto/munge
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-ReturnToService=2
-MailProg=/bin/true
-KillWait=5
-MinJobAge=30
-SlurmctldTimeout=30
+$(common_conf)
 SlurmdTimeout=30
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/spool
