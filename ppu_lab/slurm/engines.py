@@ -115,14 +115,14 @@ class SlurmMPICluster(MPICluster):
     def _wait_for_engines(self) -> None:
         job, started = self.job_id, time.monotonic()
         running_since, state, last_check = None, None, 0.0
-        while len(self.client.ids) < self.n:
+        while len(self._new_ids()) < self.n:
             now = time.monotonic()
             if now - last_check > 1.0:
                 state, last_check = job_state(job), now
                 if state is None or state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "COMPLETED"):
                     raise SlurmError(
                         f"The engines' Slurm job {job} ended ({state or 'gone from squeue'}) before all engines "
-                        f"registered ({len(self.client.ids)} of {self.n}).\n--- job output\n{self._engine_output()}")
+                        f"registered ({len(self._new_ids())} of {self.n}).\n--- job output\n{self._engine_output()}")
                 if state == "RUNNING" and running_since is None:
                     running_since = now
             if running_since is None and now - started > self.queue_timeout:
@@ -131,19 +131,23 @@ class SlurmMPICluster(MPICluster):
                                  f"{reason}); raise queue_timeout= or choose another partition")
             if running_since is not None and now - running_since > self.timeout:
                 raise SlurmError(
-                    f"Only {len(self.client.ids)} of {self.n} engines registered within {self.timeout:.0f} s of job "
+                    f"Only {len(self._new_ids())} of {self.n} engines registered within {self.timeout:.0f} s of job "
                     f"{job} starting. Can the compute nodes reach this machine (ip=)?\n"
                     f"--- job output\n{self._engine_output()}")
             time.sleep(0.1)
 
-    def _order_by_rank(self) -> None:
-        from ppu_lab.cluster import _rank_info
-
-        ids = sorted(self.client.ids)
-        info = self.client[ids].apply_sync(_rank_info)
+    def _check_ranks(self, info) -> None:
         if self.n > 1 and all(tuple(x) == (0, 1) for x in info):
             raise SlurmError(_rank0_of_1_advice(self.n, self.slurm["mpi"]))
-        super()._order_by_rank()
+        super()._check_ranks(info)
+
+    def _stack_dir(self) -> str | None:
+        return self._job_tmp  # on the shared file system, like the engines' output
+
+    def _stop_engines(self) -> None:
+        job = self.job_id
+        super()._stop_engines()  # scancel through ipyparallel's launcher
+        cancel(job)  # and wait until squeue no longer lists the job
 
     def apply(self, fn, *args, **kwargs) -> list:
         """As :meth:`MPICluster.apply`, watching the engines' job (every ``job_poll`` s) while it waits.
