@@ -325,7 +325,12 @@ class MPICluster:
         self._require_running()
         what = f"cl.apply({getattr(fn, '__name__', 'fn')})"
         busy.check_idle(self, what)  # EnginesBusy: nothing is sent
-        return busy.wait(self, self.client[self.engine_ids].apply_async(fn, *args, **kwargs), limit, what)
+        return self._wait(self.client[self.engine_ids].apply_async(fn, *args, **kwargs), limit, what)
+
+    def _wait(self, ar, limit: float, what: str):
+        """``ar``'s result within ``limit`` s (:func:`busy.wait`). A backend that can tell why engines
+        stopped answering (the Slurm job ended) overrides it."""
+        return busy.wait(self, ar, limit, what)
 
     def _require_running(self) -> None:
         if not self.running:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+from ppu_lab import busy
 from ppu_lab.cluster import MPICluster
 from ppu_lab.mpiexec import find_mpiexec
 from ppu_lab.slurm.commands import SlurmError, _require_commands, _run, cancel, job_state, submit
@@ -51,7 +53,7 @@ class SlurmMPICluster(MPICluster):
         :func:`~ppu_lab.slurm.nodes.controller_ip`: this machine's address on the route to the
         partition's nodes (loopback when they are this machine, all interfaces ``"*"`` only when no
         single address reaches them all); ``cl.info["controller_ip"]`` says which and why.
-    job_poll : seconds between checks of the engines' job while :meth:`apply` waits.
+    job_poll : seconds between checks of the engines' job while ``apply`` waits for a result.
     """
 
     def __init__(self, n: int = 2, *, partition=None, time="00:30:00", account=None, nodes=None, extra=(),
@@ -59,9 +61,7 @@ class SlurmMPICluster(MPICluster):
                  timeout: float = 120, job_poll: float = 2.0, **kwargs):
         super().__init__(n, ip=ip, timeout=timeout, **kwargs)
         self.ip_choice = ip
-        if not (isinstance(job_poll, (int, float)) and job_poll > 0):
-            raise ValueError(f"job_poll (seconds between checks of the engines' job) must be > 0; got {job_poll!r}")
-        self.job_poll = float(job_poll)
+        self.job_poll = self._seconds("job_poll (seconds between checks of the engines' job)", job_poll)
         _check_options(n, partition, time, account, nodes, extra, mpi)
         if not (isinstance(queue_timeout, (int, float)) and queue_timeout > 0):
             raise ValueError(f"queue_timeout (seconds the job may wait in the queue) must be > 0; got {queue_timeout!r}")
@@ -149,39 +149,41 @@ class SlurmMPICluster(MPICluster):
         super()._stop_engines()  # scancel through ipyparallel's launcher
         cancel(job)  # and wait until squeue no longer lists the job
 
-    def apply(self, fn, *args, **kwargs) -> list:
-        """As :meth:`MPICluster.apply`, watching the engines' job (every ``job_poll`` s) while it waits.
+    def _wait(self, ar, limit: float, what: str):
+        """As :meth:`MPICluster._wait`, watching the engines' job (every ``job_poll`` s) meanwhile.
 
         When the job ends under a running call (a lost node: Slurm ends the job, NODE_FAIL, and kills
         its ranks on the other nodes), the cluster is stopped and :class:`SlurmError` says how the job
-        ended and names the lost node, instead of waiting forever for engines that are gone.
+        ended and names the lost node, instead of waiting the whole ``limit`` for engines that are gone.
         """
-        if not self.running:
-            return super().apply(fn, *args, **kwargs)  # raises: not running
-        result = self.view.apply_async(fn, *args, **kwargs)
-        while not result.ready():
-            result.wait(self.job_poll)
-            if not result.ready() and self._job_ended():
-                self._lost_job(fn)
+        deadline = time.monotonic() + limit
         try:
-            return result.get()
+            while not ar.ready() and time.monotonic() < deadline:
+                ar.wait(min(self.job_poll, max(0.0, deadline - time.monotonic())))
+                if not ar.ready() and self._job_ended():
+                    self._lost_job(what)
+        except KeyboardInterrupt:
+            print(busy.explain(self, f"Interrupted while waiting for {what}."), file=sys.stderr)
+            raise
+        try:
+            return super()._wait(ar, max(deadline - time.monotonic(), 0.01), what)
         except Exception as exc:  # noqa: BLE001 - engines that died with their job: say why
-            if self._job_ended():
-                self._lost_job(fn, exc)
+            if self.running and self._job_ended():
+                self._lost_job(what, exc)
             raise
 
     def _job_ended(self) -> bool:
         state = job_state(self.job_id)
         return state is None or state == "COMPLETING" or state in ENDED
 
-    def _lost_job(self, fn, cause=None):
-        job, what = self.job_id, getattr(fn, "__name__", repr(fn))
+    def _lost_job(self, what: str, cause=None):
+        job = self.job_id
         try:
             end = describe(job_end(job, timeout=120, poll=0.25))
         except SlurmError as exc:
             end = str(exc)
         self.stop()
-        raise SlurmError(f"The engines' Slurm job {job} ended while {what}() ran on them; the cluster is stopped "
+        raise SlurmError(f"The engines' Slurm job {job} ended while {what} ran on them; the cluster is stopped "
                          f"(start it again to go on).\n{end}") from cause
 
     def stop(self) -> None:
