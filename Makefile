@@ -3,7 +3,8 @@
 #   make test   create .venv if missing, run the whole suite (unit, MPI under mpiexec, notebooks)
 #
 # As root (CI), `make test` also starts a one-node Slurm for the cluster tests and stops it
-# afterwards (scripts/slurm/with-slurm.sh); PPU_LAB_SLURM=0 turns that off.
+# afterwards (scripts/slurm/with-slurm.sh); PPU_LAB_SLURM=0 turns that off. A second leg then runs
+# tests/test_slurm_nodes.py on a two-node Slurm (network namespaces: with-slurm.sh --nodes 2).
 #
 # MPI=system   use an MPI you `module load` instead of the mpich wheel from PyPI
 #              (mpi4py is then built against it: see README, "Using a system MPI").
@@ -43,7 +44,11 @@ lab: $(STAMP)
 
 test: $(STAMP)
 	$(RUN) PPU_LAB_QUICK=$${PPU_LAB_QUICK:-1} scripts/slurm/with-slurm.sh $(BIN)/python -m pytest tests notebooks \
-	    --nbval-lax --nbval-current-env $(PYTEST_ARGS)
+	    --nbval-lax --nbval-current-env --ignore=tests/test_slurm_nodes.py $(PYTEST_ARGS)
+# the two-node Slurm leg; no notebooks, so no nbval (its import alone takes ~6 s); exit 5: PYTEST_ARGS
+# selected none of its tests
+	$(RUN) PPU_LAB_QUICK=$${PPU_LAB_QUICK:-1} scripts/slurm/with-slurm.sh --nodes 2 $(BIN)/python -m pytest \
+	    -p no:nbval tests/test_slurm_nodes.py $(PYTEST_ARGS) || [ $$? = 5 ]
 
 clean-venv:
 	rm -rf $(VENV)

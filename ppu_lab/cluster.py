@@ -316,7 +316,12 @@ class MPICluster:
         self._require_running()
         what = f"cl.apply({getattr(fn, '__name__', 'fn')})"
         waits.check_idle(self, what)  # EnginesBusy: nothing is sent
-        return waits.wait(self, self.client[self.engine_ids].apply_async(fn, *args, **kwargs), limit, what)
+        return self._wait(self.client[self.engine_ids].apply_async(fn, *args, **kwargs), limit, what)
+
+    def _wait(self, ar, limit: float, what: str):
+        """``ar``'s result within ``limit`` s (:func:`waits.wait`). A backend that can tell why engines
+        stopped answering (the Slurm job ended) overrides it."""
+        return waits.wait(self, ar, limit, what)
 
     def _require_running(self) -> None:
         if not self.running:

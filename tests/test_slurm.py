@@ -191,7 +191,7 @@ def test_no_value_can_inject_lines_into_the_batch_script(capsys):
                               env_setup="module load mpich\nsource .venv/bin/activate")
     sbatch = [ln for ln in text.splitlines() if ln.startswith("#SBATCH")]
     assert sbatch == ['#SBATCH --job-name="my grid #1"', "#SBATCH --ntasks=2", "#SBATCH --cpus-per-task=1",
-                      "#SBATCH --time=00:30:00", '#SBATCH --output="/scratch/a \\"b\\"/out-%j.txt"']
+                      "#SBATCH --no-requeue", "#SBATCH --time=00:30:00", '#SBATCH --output="/scratch/a \\"b\\"/out-%j.txt"']
     lines = text.splitlines()
     assert lines.index("module load mpich") > lines.index("set -e")
     assert "source .venv/bin/activate" in lines

@@ -25,14 +25,26 @@ out on a Slurm without the pmi2 plugin (``srun --mpi=list``) or with a site MPI 
 so. ``mpi="none"`` is the plain ``srun`` (ipyparallel's ``engines="slurm"``); it exists to
 show the failure, which start() and :func:`preflight` detect and explain.
 
-Engines on compute nodes must reach the controller: it listens on all interfaces
-(``ip="*"``) by default; ipyparallel signs every message with the cluster's key. The batch
+Engines on compute nodes must reach the controller, and nothing else should. So by default
+(``ip=None``) it listens on ONE address, chosen at start by :func:`controller_ip` from the nodes
+Slurm lists for the partition (``sinfo``): this machine's address on the route to their
+``NodeAddr`` (a login node's address on the cluster network; the bridge address on the two-node
+test cluster), or loopback when the nodes are this machine (the one-node test Slurm). Only when
+no single address reaches them all (nodes behind different interfaces, names that do not
+resolve here) does it listen on all interfaces (``"*"``), as it always did before; ipyparallel
+signs every message with the cluster's key either way. ``cl.info["controller_ip"]`` says what
+was chosen and why; ``ip=`` overrides it. (Listening on ``"*"`` is not only wider than needed:
+ipyparallel then tells the engines to connect to this machine's hostname, which may resolve to
+127.0.0.1, as on the test machine, and the engines never register.) The batch
 script and the engines' output go to ``job_dir`` (default ``~/.cache/ppu_lab/slurm``), which
 must be on a file system the compute nodes share (home usually is; ``/tmp`` is not).
 
 Clean-up: ``stop()``, leaving a ``with`` block, interpreter exit (atexit) and even a killed
 kernel (a watchdog process) cancel the job, and ``stop()`` waits until ``squeue`` no longer
-lists it.
+lists it. A lost node: Slurm ends the job (``NODE_FAIL``, after ``SlurmdTimeout``) and kills its
+ranks on the other nodes; ``cl.apply`` watches the job while it waits, so the call in progress
+raises :class:`SlurmError` naming the lost node, and the cluster is stopped (see
+:mod:`ppu_lab.slurm.nodes`).
 
 Batch runs (no notebook)
 ------------------------
@@ -40,16 +52,20 @@ Batch runs (no notebook)
 script that runs ``python -m ppu_lab.experiments run ...`` on ``ntasks`` ranks; the committed
 ``scripts/slurm/experiments.sbatch`` is its default output. The runner appends one JSON line per
 finished run, so a job killed at its time limit (or by ``scancel``) loses only the run in progress;
-submitting the same script again resumes. See the README, "Running on a cluster".
+submitting the same script again resumes; a node lost under it ends it too (``--no-requeue``), and
+``python -m ppu_lab.slurm wait JOBID`` (:func:`wait`) says so, naming the node. See the README,
+"Running on a cluster".
 """
 
 from ppu_lab.slurm.cli import main
 from ppu_lab.slurm.commands import SlurmError, cancel, job_state, slurm_status, submit
 from ppu_lab.slurm.engines import SlurmMPICluster
+from ppu_lab.slurm.nodes import controller_ip, describe, job_end, wait
 from ppu_lab.slurm.preflight import preflight
 from ppu_lab.slurm.scripts import MPI_MODES, batch_script, experiments_script, launch_prefix
 
 __all__ = [
     "SlurmError", "SlurmMPICluster", "slurm_status", "batch_script", "experiments_script",
     "submit", "cancel", "job_state", "preflight", "MPI_MODES", "launch_prefix", "main",
+    "controller_ip", "job_end", "describe", "wait",
 ]

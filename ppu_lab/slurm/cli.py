@@ -1,4 +1,4 @@
-"""``python -m ppu_lab.slurm``: write the experiment grid's sbatch script, or check Slurm + MPI here."""
+"""``python -m ppu_lab.slurm``: write the experiment grid's sbatch script, check Slurm + MPI here, wait for a job."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ppu_lab.slurm.commands import SlurmError
+from ppu_lab.slurm.nodes import wait
 from ppu_lab.slurm.preflight import preflight
 from ppu_lab.slurm.scripts import MPI_MODES, experiments_script
 
@@ -30,11 +31,27 @@ def main(argv=None) -> int:
     c.add_argument("-n", "--ntasks", type=int, default=2)
     c.add_argument("--partition"), c.add_argument("--account")
     c.add_argument("--mpi", choices=MPI_MODES, default="pmi2")
+    c.add_argument("--nodes", type=int, help="spread the tasks over this many nodes (sbatch --nodes)")
+    w = sub.add_parser("wait", help="wait for a batch job; exit 0 if it completed, else say how it ended "
+                                    "(a lost node by name) and exit 1")
+    w.add_argument("job", help="the job id (sbatch --parsable prints it)")
+    w.add_argument("--timeout", type=float, default=24 * 3600, help="seconds to wait at most. Default: one day")
     args = p.parse_args(argv)
     try:
         if args.command == "check":
-            info = preflight(args.ntasks, partition=args.partition, account=args.account, mpi=args.mpi)
-            print(f"ok: {args.ntasks} tasks form one MPI job with `{info['launch']}` (ranks {info['ranks']})")
+            info = preflight(args.ntasks, partition=args.partition, account=args.account, mpi=args.mpi,
+                             nodes=args.nodes)
+            hosts = sorted(set(info["hosts"]))
+            print(f"ok: {args.ntasks} tasks form one MPI job with `{info['launch']}` (ranks {info['ranks']}) on "
+                  f"{len(hosts)} host(s): " + ", ".join(f"rank {r} on {h}" for r, h in enumerate(info["hosts"])))
+            return 0
+        if args.command == "wait":
+            try:
+                end = wait(args.job, args.timeout)
+            except SlurmError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            print(f"job {args.job} completed (exit code {end['exit_code']}, nodes {end['nodes']})")
             return 0
         kw = {} if args.env_setup is None else {"env_setup": args.env_setup}
         text = experiments_script(args.ntasks, partition=args.partition, account=args.account, time=args.time,

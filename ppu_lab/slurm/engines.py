@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+from ppu_lab import waits
 from ppu_lab.cluster import MPICluster
 from ppu_lab.mpiexec import find_mpiexec
 from ppu_lab.slurm.commands import SlurmError, _require_commands, _run, cancel, job_state, submit
+from ppu_lab.slurm.nodes import ENDED, controller_ip, describe, job_end
 from ppu_lab.slurm.preflight import _check_mpi_plugin, _job_root, _rank0_of_1_advice
 from ppu_lab.slurm.scripts import _check_options, batch_script, no_control
 
@@ -46,13 +49,19 @@ class SlurmMPICluster(MPICluster):
     queue_timeout : seconds the job may wait in the queue (PENDING) before start() gives up
         (then ``timeout`` seconds for the engines to register once it runs).
     job_dir : where the batch script and engine output go (shared file system); see module doc.
-    ip : the controller's address; ``"*"`` (default) so that engines on compute nodes reach it.
+    ip : the address the controller listens on. None (default): chosen at start by
+        :func:`~ppu_lab.slurm.nodes.controller_ip`: this machine's address on the route to the
+        partition's nodes (loopback when they are this machine, all interfaces ``"*"`` only when no
+        single address reaches them all); ``cl.info["controller_ip"]`` says which and why.
+    job_poll : seconds between checks of the engines' job while ``apply`` waits for a result.
     """
 
     def __init__(self, n: int = 2, *, partition=None, time="00:30:00", account=None, nodes=None, extra=(),
-                 env_setup=None, mpi="pmi2", queue_timeout: float = 600, job_dir=None, ip="*",
-                 timeout: float = 120, **kwargs):
+                 env_setup=None, mpi="pmi2", queue_timeout: float = 600, job_dir=None, ip=None,
+                 timeout: float = 120, job_poll: float = 2.0, **kwargs):
         super().__init__(n, ip=ip, timeout=timeout, **kwargs)
+        self.ip_choice = ip
+        self.job_poll = self._seconds("job_poll (seconds between checks of the engines' job)", job_poll)
         _check_options(n, partition, time, account, nodes, extra, mpi)
         if env_setup is not None:
             no_control("env_setup", env_setup, lines=True)
@@ -79,7 +88,9 @@ class SlurmMPICluster(MPICluster):
             shutil.rmtree(self._job_tmp, ignore_errors=True)
             self._job_tmp = None
             raise
-        return {"slurm_test_only": answer, "mpi": self.slurm["mpi"], "job_dir": self._job_tmp, "warnings": []}
+        self.ip, why = (self.ip_choice, "given as ip=") if self.ip_choice else controller_ip(self.slurm["partition"])
+        return {"slurm_test_only": answer, "mpi": self.slurm["mpi"], "job_dir": self._job_tmp, "warnings": [],
+                "controller_ip": (self.ip, why)}
 
     def _engine_launch(self) -> tuple:
         out = os.path.join(self._job_tmp, "engines.out")
@@ -139,6 +150,43 @@ class SlurmMPICluster(MPICluster):
         job = self.job_id
         super()._stop_engines()  # scancel through ipyparallel's launcher
         cancel(job)  # and wait until squeue no longer lists the job
+
+    def _wait(self, ar, limit: float, what: str):
+        """As :meth:`MPICluster._wait`, watching the engines' job (every ``job_poll`` s) meanwhile.
+
+        When the job ends under a running call (a lost node: Slurm ends the job, NODE_FAIL, and kills
+        its ranks on the other nodes), the cluster is stopped and :class:`SlurmError` says how the job
+        ended and names the lost node, instead of waiting the whole ``limit`` for engines that are gone.
+        """
+        deadline = time.monotonic() + limit
+        try:
+            while not ar.ready() and time.monotonic() < deadline:
+                ar.wait(min(self.job_poll, max(0.0, deadline - time.monotonic())))
+                if not ar.ready() and self._job_ended():
+                    self._lost_job(what)
+        except KeyboardInterrupt:
+            print(waits.explain(self, f"Interrupted while waiting for {what}."), file=sys.stderr)
+            raise
+        try:
+            return super()._wait(ar, max(deadline - time.monotonic(), 0.01), what)
+        except Exception as exc:  # noqa: BLE001 - engines that died with their job: say why
+            if self.running and self._job_ended():
+                self._lost_job(what, exc)
+            raise
+
+    def _job_ended(self) -> bool:
+        state = job_state(self.job_id)
+        return state is None or state == "COMPLETING" or state in ENDED
+
+    def _lost_job(self, what: str, cause=None):
+        job = self.job_id
+        try:
+            end = describe(job_end(job, timeout=120, poll=0.25))
+        except SlurmError as exc:
+            end = str(exc)
+        self.stop()
+        raise SlurmError(f"The engines' Slurm job {job} ended while {what} ran on them; the cluster is stopped "
+                         f"(start it again to go on).\n{end}") from cause
 
     def stop(self) -> None:
         """Stop engines and controller; cancel the job and wait until squeue no longer lists it."""

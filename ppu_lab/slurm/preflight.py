@@ -15,10 +15,9 @@ from ppu_lab.slurm.commands import SlurmError, _require_commands, _run, cancel, 
 from ppu_lab.slurm.scripts import _check_options, batch_script, launch_prefix
 
 
-_PROBE = (
-    "import os\nfrom mpi4py import MPI\nc = MPI.COMM_WORLD\n"
-    "os.write(1, f'PPU_RANK {c.Get_rank()} {c.Get_size()} {MPI.Get_processor_name()}\\n'.encode())\n"
-)
+# One line: batch_script refuses commands with newlines (they would break the script's lines).
+_PROBE = ("import os; from mpi4py import MPI; c = MPI.COMM_WORLD; "
+          "os.write(1, f'PPU_RANK {c.Get_rank()} {c.Get_size()} {MPI.Get_processor_name()}\\n'.encode())")
 
 
 def _rank0_of_1_advice(n: int, mpi: str) -> str:
@@ -49,9 +48,9 @@ def preflight(n: int = 2, *, probe: bool = True, timeout: float = 300, **options
     Checks, cheapest first: the Slurm commands exist; the MPI plugin exists (``srun --mpi=list``);
     ``sbatch --test-only`` accepts the request (partition, account, time, tasks: Slurm's message
     otherwise). With ``probe=True`` it then runs a tiny job (``sbatch --wait``) in which every task
-    reports its MPI rank and size, and raises :class:`SlurmError` with what to change when the
-    tasks are not one communicator (the "every engine is rank 0 of 1" case). ``options`` are
-    those of :func:`batch_script`.
+    reports its MPI rank, size and host (``info["hosts"]``: rank r ran on ``hosts[r]``), and raises
+    :class:`SlurmError` with what to change when the tasks are not one communicator (the "every
+    engine is rank 0 of 1" case). ``options`` are those of :func:`batch_script`.
     """
     mpi = options.get("mpi", "pmi2")
     job_dir = options.pop("job_dir", None)
@@ -78,8 +77,9 @@ def preflight(n: int = 2, *, probe: bool = True, timeout: float = 300, **options
                                  "the queue may be busy: try again, or pass probe=False")
             time.sleep(0.2)
         text = out.read_text() if out.exists() else "(no output file)"
-    pairs = sorted((int(r), int(s)) for r, s in re.findall(r"^PPU_RANK (\d+) (\d+)", text, re.M))
-    info["ranks"] = pairs
+    found = sorted((int(r), int(s), h) for r, s, h in re.findall(r"^PPU_RANK (\d+) (\d+) (\S+)", text, re.M))
+    pairs = [(r, s) for r, s, _ in found]
+    info["ranks"], info["hosts"] = pairs, [h for _, _, h in found]
     if pairs == [(r, n) for r in range(n)]:
         return info
     if pairs and all(p == (0, 1) for p in pairs):

@@ -80,6 +80,9 @@ def batch_script(command: str, n: int, *, partition=None, time="00:30:00", accou
     ``env_setup``: shell line(s) run first, e.g. ``"module load mpich\\nsource .venv/bin/activate"``.
     ``extra``: more sbatch options (``["--mem-per-cpu=2G"]``). ``output``: sbatch ``--output``.
     ``prelude``: shell lines run after ``env_setup``, just before the launch line.
+    The job says ``--no-requeue``: when one of its nodes fails, Slurm ends it (``NODE_FAIL``) instead of
+    putting it back in the queue, where it would wait for the lost node and later start again unasked
+    (engines that no notebook waits for; a grid that runs twice). Submitting it again resumes a grid.
     Every value is checked: Slurm names and times by their form, free text (``job_name``, ``output``)
     quoted for sbatch, and no value may hold a newline or other control character, except
     ``env_setup`` and ``command`` (shell text after the ``#SBATCH`` block, where sbatch reads no more
@@ -90,7 +93,8 @@ def batch_script(command: str, n: int, *, partition=None, time="00:30:00", accou
     lines = ["#!/bin/bash"]
     if comment:
         lines += [f"# {ln}".rstrip() for ln in no_control("comment", comment, lines=True).splitlines()]
-    sb = [f"--job-name={sbatch_value(no_control('job_name', job_name))}", f"--ntasks={n}", "--cpus-per-task=1"]
+    sb = [f"--job-name={sbatch_value(no_control('job_name', job_name))}", f"--ntasks={n}", "--cpus-per-task=1",
+          "--no-requeue"]
     sb += [f"--nodes={nodes}"] if nodes else []
     sb += [f"--partition={partition}"] if partition else []
     sb += [f"--account={account}"] if account else []
@@ -115,9 +119,10 @@ lines for your cluster, then from the lab folder on the login node:
     sbatch scripts/slurm/experiments.sbatch --models cnn --epochs 2 --out results/cnn.jsonl
 Arguments after the script name go to `python -m ppu_lab.experiments run` (see its --help).
 Results: one JSON line per finished run, appended and fsynced by rank 0. A job killed at its
-time limit (or by scancel) loses only the run in progress; submitting the same command again
-skips the finished runs and resumes. To chain jobs: submit it twice with
---dependency=singleton (same job name): the second starts when the first ends.
+time limit, by scancel or by a lost node (it then ends NODE_FAIL: --no-requeue) loses only the
+run in progress; submitting the same command again skips the finished runs and resumes.
+To chain jobs: submit it twice with --dependency=singleton (same job name): the second
+starts when the first ends. `python -m ppu_lab.slurm wait JOBID` waits and says how it ended.
 MNIST must be in $PPU_LAB_DATA (or ~/.cache/ppu_lab/mnist): compute nodes often have no
 internet, so fetch it on the login node first: python -m ppu_lab.data fetch"""
 
