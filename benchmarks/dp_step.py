@@ -1,7 +1,8 @@
 """The CNN's data-parallel training step: ppu_lab vs PyTorch DistributedDataParallel (gloo), vs ranks.
 
-One command runs the whole grid (it starts ``mpiexec -n p`` itself for each rank count) and prints a
-table (not a timed test; notebook 06 explains the numbers):
+One command runs the whole grid (it starts ``mpiexec -n p`` itself for each rank count, through
+``ppu_lab.mpiexec``: the same command line for MPICH and Open MPI) and prints a table (not a timed
+test; notebook 06 explains the numbers):
 
     python benchmarks/dp_step.py                 # ranks 1, 2, 4, ... up to the cores of this machine
     python benchmarks/dp_step.py --ranks 1 2 4 8 16 --steps 40
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -144,22 +144,18 @@ def default_ranks():
     return ranks
 
 
-def mpiexec():
-    local = Path(sys.executable).parent / "mpiexec"
-    return str(local) if local.exists() else "mpiexec"
-
-
 def run_grid(ranks, steps, repeats, warmup, timeout):
+    from ppu_lab.mpiexec import run_mpi
+
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for p in ranks:
             out = Path(tmp) / f"p{p}.json"
-            cmd = [mpiexec(), "-n", str(p), sys.executable, __file__, "--worker", "--out", str(out),
-                   "--steps", str(steps), "--repeats", str(repeats), "--warmup", str(warmup)]
+            args = ["--worker", "--out", out, "--steps", steps, "--repeats", repeats, "--warmup", warmup]
             print(f"running {p} rank(s) ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-            if proc.returncode != 0 or not out.exists():
-                sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+            code, output = run_mpi(p, sys.executable, __file__, *map(str, args), timeout=timeout, cwd=ROOT)
+            if code != 0 or not out.exists():
+                sys.exit(f"mpiexec -n {p} {__file__} --worker failed ({code}):\n{output}")
             rows[p] = json.loads(out.read_text())["results"]
     return rows
 
