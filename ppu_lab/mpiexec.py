@@ -31,8 +31,9 @@ from pathlib import Path
 
 from ppu_lab.checks import integer
 
-__all__ = ["find_mpiexec", "mpi_flavor", "mpi_name", "mpi4py_library", "usable_cores", "open_mpi_slots", "is_root", "mpiexec_command", "Launch", "preflight",
-           "MPIStartError", "OversubscribeWarning", "transient_mpi_init_failure", "ROOT_VARIABLES"]
+__all__ = ["find_mpiexec", "mpi_flavor", "mpi_name", "mpi4py_library", "usable_cores", "open_mpi_slots", "is_root",
+           "mpiexec_command", "Launch", "run_mpi", "preflight", "MPIStartError", "OversubscribeWarning",
+           "transient_mpi_init_failure", "ROOT_VARIABLES"]
 
 #: What Open MPI needs to run as root (it refuses otherwise).
 ROOT_VARIABLES = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
@@ -268,7 +269,8 @@ def _mismatch(exe: str, what: str, library: tuple, output: str = "") -> MPIStart
         f"mpiexec and mpi4py belong to different MPI libraries: {what} mpiexec is {ours}; mpi4py uses "
         f"{' '.join(library)}. Use the mpiexec that belongs to mpi4py's MPI (for the MPI wheels: "
         f"{_python_bin_dir() / 'mpiexec'}, or set PPU_LAB_MPIEXEC), or rebuild mpi4py against your MPI: "
-        f"`pip install --force-reinstall --no-binary mpi4py mpi4py`.{output}")
+        "`pip install --force-reinstall --no-cache-dir --no-binary mpi4py mpi4py` (without --no-cache-dir "
+        f"pip may reuse a wheel it built for another MPI).{output}")
 
 
 def _rank_check(timeout: float, mpiexec: str | None) -> dict:

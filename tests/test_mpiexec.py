@@ -43,7 +43,7 @@ def test_command_adds_oversubscribe_only_for_open_mpi_beyond_the_cores_and_root_
 
 # What the real launchers and libraries print (mpiexec --version; MPI.Get_library_version()'s first line).
 BANNERS = [
-    ("HYDRA build details:\n    Version:                                 5.0.2\n    Release Date: ...", "MPICH", "5.0.2"),
+    ("HYDRA build details:\n    Version:                       5.0.2\n    Release Date: ...", "MPICH", "5.0.2"),
     ("MPICH Version:      5.0.2\nMPICH Release date: Fri Sep 25 2026", "MPICH", "5.0.2"),
     ("mpiexec (Open MPI) 5.0.11\n\nReport bugs to https://www.open-mpi.org/community/help/", "Open MPI", "5.0.11"),
     ("Open MPI v5.0.11, package: Open MPI user@localhost Distribution, ident: 5.0.11", "Open MPI", "5.0.11"),
@@ -136,7 +136,8 @@ def test_preflight_names_both_mpis_when_mpiexec_belongs_to_the_other_one():
     msg = str(err.value)
     assert "different MPI libraries" in msg
     assert f"mpiexec is {' '.join(theirs)}; mpi4py uses {' '.join(library)}" in msg
-    assert ("rank 0 of 1, rank 0 of 1" in msg) == (theirs[0] == "MPICH")
+    if {library[0], theirs[0]} == {"MPICH", "Open MPI"}:  # the two wheels of make test
+        assert ("rank 0 of 1, rank 0 of 1" in msg) == (theirs[0] == "MPICH")
 
 
 def test_preflight_open_mpi_as_root_returns_allow_variables(tmp_path, monkeypatch):
