@@ -94,7 +94,7 @@ def find_mpiexec(mpiexec: str | os.PathLike | None = None) -> str | None:
 # (name, pattern whose group 1 is the version), tried in order on `mpiexec --version` or on
 # MPI_Get_library_version() text. Intel MPI and MVAPICH are MPICH derivatives: test them first.
 _MPI_NAMES = (
-    ("Intel MPI", r"intel\(r\) mpi library\D*?(\d+(?:\.\d+)+)"),   # "..., Version 2021.10 Build ..."
+    ("Intel MPI", r"intel\(r\) mpi library\D*?(\d+(?:\.\d+)*(?: update \d+)?)"),  # ", Version 2021.10 Build"
     ("Open MPI", r"\((?:open mpi|openrte)\)\s*(\S+)"),              # mpiexec (Open MPI) 5.0.11 / (OpenRTE) 4.1.4
     ("Open MPI", r"open mpi v(\S+?),"),                               # library: "Open MPI v5.0.11, package: ..."
     ("Open MPI", r"\(prrte\)\s*(\S+)"),                              # a bare PRRTE prterun (Open MPI 5's launcher)

@@ -30,6 +30,7 @@ MPI_SCRIPTS = ROOT / "tests" / "mpi"
 MPI_FIXTURES = {"mpirun", "mpiexec"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m mpi` selects
 def pytest_collection_modifyitems(items):
     for item in items:
         if MPI_FIXTURES & set(getattr(item, "fixturenames", ())):

@@ -51,6 +51,7 @@ BANNERS = [
     ("Open MPI v4.1.4, package: Debian OpenMPI, ident: 4.1.4, repo rev: v4.1.4, May 26, 2022", "Open MPI", "4.1.4"),
     ("Intel(R) MPI Library for Linux* OS, Version 2021.10 Build 20230619 (id: c2e19c2f3e)", "Intel MPI", "2021.10"),
     ("Intel(R) MPI Library 2021.10 for Linux* OS\n", "Intel MPI", "2021.10"),
+    ("Intel(R) MPI Library 2019 Update 5 for Linux* OS\n", "Intel MPI", "2019 Update 5"),
     ("MVAPICH2 Version:     \t2.3.7\nMVAPICH2 Release date: Wed March 02 22:00:00 EST 2022", "MVAPICH", "2.3.7"),
     ("some-launcher 1.0\n", "unknown", "some-launcher 1.0"),
 ]
