@@ -29,11 +29,13 @@ from ppu_lab.mpiexec import mpi_name  # noqa: E402
 
 def launch(args):
     """Run this script on ``args.ranks`` ranks under mpiexec (its output streamed); exit with its code."""
-    from ppu_lab.mpiexec import run_mpi
+    from ppu_lab.mpiexec import mpiexec_command
+    from ppu_lab.procs import stream
 
-    worker = ["--sizes", *map(str, args.sizes), "--repeat", str(args.repeat)] + ["--quick"] * args.quick
-    code, _ = run_mpi(args.ranks, sys.executable, os.path.abspath(__file__), *worker, timeout=args.timeout,
-                      on_line=lambda line: print(line, end="", flush=True))
+    worker = ["--sizes", *args.sizes, "--repeat", args.repeat] + ["--quick"] * args.quick
+    job = mpiexec_command(args.ranks, sys.executable, os.path.abspath(__file__), *worker)
+    code, _ = stream(job.cmd, args.timeout, on_line=lambda line: print(line, end="", flush=True),
+                     env=job.environ({**os.environ, "PYTHONUNBUFFERED": "1"}))
     raise SystemExit(code)
 
 

@@ -11,8 +11,6 @@ benchmarks, the tests):
 - ``mpiexec_command(n, *program)``  the command line and the environment for ``n`` ranks: Open MPI
   gets ``--oversubscribe`` when ranks exceed cores and, as root, its allow-run-as-root variables;
   nothing else is added, for any MPI
-- ``run_mpi(n, *program)``  start it on ``n`` ranks with that command line, with a deadline, its output
-  streamed (what the benchmarks use to start themselves)
 - ``preflight(n)``         one clear message for each usual failure before anything starts (no
   ``mpiexec``; ``mpiexec`` and mpi4py from different MPIs, so every process is rank 0 of 1; ...);
   returns what it found and the settings to apply, and changes nothing itself
@@ -32,7 +30,7 @@ from pathlib import Path
 from ppu_lab.checks import integer
 
 __all__ = ["find_mpiexec", "mpi_flavor", "mpi_name", "mpi4py_library", "usable_cores", "open_mpi_slots", "is_root",
-           "mpiexec_command", "Launch", "run_mpi", "preflight", "MPIStartError", "OversubscribeWarning",
+           "mpiexec_command", "Launch", "preflight", "MPIStartError", "OversubscribeWarning",
            "transient_mpi_init_failure", "ROOT_VARIABLES"]
 
 #: What Open MPI needs to run as root (it refuses otherwise).
@@ -231,20 +229,6 @@ def mpiexec_command(n: int, *program: str, mpiexec: str | None = None, cores: in
         notes.append("OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1: running as root, which "
                      "Open MPI refuses otherwise")
     return Launch([exe, "-n", str(n), *args, *map(str, program)], env, tuple(notes), flavor)
-
-
-def run_mpi(n: int, *program: str, timeout: float | None, on_line=None, mpiexec: str | None = None,
-            env: dict | None = None, **popen_kw) -> tuple[int, str]:
-    """Run ``program`` on ``n`` ranks (:func:`mpiexec_command`) and return ``(returncode, output)``.
-
-    Each output line (stdout and stderr merged) goes to ``on_line`` as it arrives (e.g. ``print``);
-    past ``timeout`` seconds the whole job is stopped and ``subprocess.TimeoutExpired`` raised.
-    """
-    from ppu_lab.procs import stream
-
-    launch = mpiexec_command(n, *program, mpiexec=mpiexec)
-    base = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return stream(launch.cmd, timeout, on_line, env=launch.environ(base), **popen_kw)
 
 
 def _where_not_found(mpiexec) -> str:
