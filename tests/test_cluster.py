@@ -17,6 +17,9 @@ import ppu_lab.procs as procs
 import ppu_lab.mpiexec as mpiexec
 from ppu_lab.cluster import ClusterError, MPICluster
 
+# Every test here runs under each MPI of `make test` (marker mpi, tests/conftest.py).
+pytestmark = pytest.mark.mpi
+
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
@@ -74,7 +77,6 @@ def _mismatched_collective():
 _rank_and_double.__module__ = _mismatched_collective.__module__ = "__main__"
 
 
-@pytest.mark.mpi
 def test_ranks_ordered_and_nothing_left_after_exception():
     pids, cluster_id = [], None
     with pytest.raises(ZeroDivisionError):
@@ -94,7 +96,6 @@ def test_ranks_ordered_and_nothing_left_after_exception():
     assert _by_cluster_id(cluster_id) == []
 
 
-@pytest.mark.mpi
 def test_hung_collective_recovers_with_restart_and_stop_is_idempotent():
     cl = MPICluster(n=2)
     cl.start()
@@ -115,7 +116,6 @@ def test_hung_collective_recovers_with_restart_and_stop_is_idempotent():
         cl.apply(_rank_and_double, 1)
 
 
-@pytest.mark.mpi
 def test_killed_parent_leaves_nothing(tmp_path):
     """A notebook kernel killed with SIGKILL runs no atexit: the watchdog cleans up."""
     script = tmp_path / "parent.py"
@@ -137,7 +137,6 @@ def test_killed_parent_leaves_nothing(tmp_path):
     assert _alive(pids) == []
 
 
-@pytest.mark.mpi
 def test_engines_that_never_register_time_out_with_their_output():
     stuck = [sys.executable, "-c", "import time; print('ENGINE-STUCK-HERE', flush=True); time.sleep(120)"]
     cl = MPICluster(n=2, timeout=4, engine_cmd=stuck)
@@ -146,7 +145,6 @@ def test_engines_that_never_register_time_out_with_their_output():
     assert not cl.running
 
 
-@pytest.mark.mpi
 def test_engines_that_crash_report_their_output():
     crash = [sys.executable, "-c", "import sys; print('ENGINE-CRASHED: bad flag', flush=True); sys.exit(3)"]
     cl = MPICluster(n=2, timeout=60, engine_cmd=crash)
@@ -168,7 +166,6 @@ def test_bad_arguments_raise_value_error():
 # ----------------------------------------------------------------------------- envcheck (notebook 00)
 
 
-@pytest.mark.mpi
 def test_envcheck_reports_what_to_fix(tmp_path, monkeypatch):
     import io
 

@@ -13,6 +13,9 @@ import ppu_lab.procs as procs
 from ppu_lab.cluster import ClusterError, MPICluster
 from ppu_lab.mpiexec import MPIStartError, OversubscribeWarning, mpiexec_command, preflight
 
+# Every test here runs under each MPI of `make test` (marker mpi, tests/conftest.py).
+pytestmark = pytest.mark.mpi
+
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
@@ -110,7 +113,6 @@ def test_preflight_names_the_missing_mpiexec(tmp_path, monkeypatch):
         MPICluster(n=2).start()
 
 
-@pytest.mark.mpi
 def test_preflight_detects_mpiexec_of_another_mpi(tmp_path):
     # An mpiexec from another MPI library starts n unrelated singletons: each is rank 0 of 1.
     fake = _fake_mpiexec(tmp_path, textwrap.dedent("""\
@@ -122,7 +124,6 @@ def test_preflight_detects_mpiexec_of_another_mpi(tmp_path):
         preflight(2, mpiexec=str(fake))
 
 
-@pytest.mark.mpi
 def test_preflight_names_both_mpis_when_mpiexec_belongs_to_the_other_one():
     """The real mismatch, both ways under `make test`: mpi4py on one MPI wheel, mpiexec from the other.
     MPICH's mpiexec starts Open MPI's mpi4py as singletons (rank 0 of 1 each); Open MPI's mpiexec makes
@@ -157,7 +158,6 @@ def test_preflight_open_mpi_as_root_returns_allow_variables(tmp_path, monkeypatc
     assert "OMPI_ALLOW_RUN_AS_ROOT" not in os.environ  # returned, not set: the caller applies it
 
 
-@pytest.mark.mpi
 def test_preflight_warns_when_oversubscribed(tmp_path, monkeypatch):
     cores = mpiexec.usable_cores()
     info = preflight(cores, warn=False)  # real mpiexec (as root, Open MPI needs its root variables); rank check
@@ -171,7 +171,6 @@ def test_preflight_warns_when_oversubscribed(tmp_path, monkeypatch):
         assert "--oversubscribe" in preflight(cores + 1, mpiexec=str(fake), check_ranks=False)["mpi_args"]
 
 
-@pytest.mark.mpi
 def test_preflight_is_cached(monkeypatch):
     first = preflight(2)
 
