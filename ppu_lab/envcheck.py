@@ -1,10 +1,10 @@
 """Is this environment ready for the lab? (notebook 00; also ``python -m ppu_lab.envcheck``)
 
 ``check()`` returns one :class:`Item` per thing the lab needs — Python and package versions,
-cores, ``mpiexec`` and the MPI library mpi4py uses (which MPI, which version: MPICH, Open MPI, ...),
-MNIST — each with ``ok`` and, when not
-ok, ``fix``: what to type. ``report(items)`` prints them as a table. Nothing here starts
-engines or downloads anything; notebook 00 does that explicitly afterwards.
+cores, ``mpiexec`` and the MPI library mpi4py uses (which MPI and version: MPICH, Open MPI, ...),
+MNIST — each with ``ok`` and, when not ok, ``fix``: what to type. ``report(items)`` prints them as
+a table. Nothing here starts engines or downloads anything; notebook 00 does that explicitly
+afterwards.
 """
 
 from __future__ import annotations
