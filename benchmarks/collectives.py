@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from ppu_lab import collectives as C  # noqa: E402
 from ppu_lab.config import quick_mode  # noqa: E402
-from ppu_lab.mpi import mpi_main  # noqa: E402
+from ppu_lab.mpi import mpi_main, node_ranks_and_cores  # noqa: E402
 from ppu_lab.mpiexec import mpi_name  # noqa: E402
 
 
@@ -63,12 +63,13 @@ def main(argv=None):
     nbytes, secs = C.pingpong(sizes=[2**k for k in range(0, 23, 2)], comm=comm, repeat=repeat)
     model = C.fit_alpha_beta(nbytes, secs)
     rows = C.compare_sums(sizes, comm=comm, repeat=repeat)
+    on_node, cores = node_ranks_and_cores(comm)  # Open MPI binds each rank to a core: not this rank's affinity
     if rank == 0:
         lib = " ".join(mpi_name(MPI.Get_library_version()))  # e.g. "Open MPI 5.0.11"
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         print(f"# {p} ranks, {cores} cores, {lib}{', QUICK' if quick else ''}")
-        if p > cores:
-            print(f"# WARNING: {p} ranks on {cores} cores share cores (oversubscribed): these times are meaningless")
+        if on_node > cores:
+            print(f"# WARNING: {on_node} ranks on {cores} cores share cores (oversubscribed): these times are "
+                  "meaningless")
         print("# ping-pong (one way):", ", ".join(f"{m} B {1e6 * t:.2f} us" for m, t in zip(nbytes, secs)))
         print(f"# fitted model: {model}")
         print(C.format_table(rows, model))
