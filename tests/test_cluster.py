@@ -20,6 +20,9 @@ import ppu_lab.procs as procs
 import ppu_lab.mpiexec as mpiexec
 from ppu_lab.cluster import ClusterError, ClusterTimeout, EnginesBusy, MPICluster, OversubscribeWarning
 
+# Every test here runs under each MPI of `make test` (marker mpi, tests/conftest.py).
+pytestmark = pytest.mark.mpi
+
 
 @pytest.fixture(autouse=True)
 def fresh_cache():

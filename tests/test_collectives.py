@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ppu_lab.collectives import AlphaBeta, fit_alpha_beta, format_table
+from ppu_lab.mpiexec import mpi4py_library, usable_cores
+from ppu_lab.procs import run
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
@@ -20,6 +24,10 @@ def test_sums_equal_serial_under_mpiexec(mpirun, ranks):
 def test_pingpong_fit_describes_the_measurement(mpirun, ranks):
     proc = mpirun(ranks, "collectives_pingpong.py", timeout=180)  # the script asserts the fit on every rank
     assert re.search(r"OK alpha=\S+ beta=\S+ model/measured at 4 MiB=\S+", proc.stdout), proc.stdout
+    # the timing is checked whenever the ranks have a core each, under any MPI's binding of ranks
+    cores = usable_cores()
+    expect = "timing checked" if ranks <= cores else "shape only"
+    assert f"{ranks} ranks on {cores} cores: {expect}" in proc.stdout, proc.stdout
 
 
 def test_pingpong_needs_two_ranks(mpirun):
@@ -75,8 +83,6 @@ def test_format_table_has_model_and_ratios():
 
 
 def test_benchmark_script_prints_table_and_model(mpirun):
-    from pathlib import Path
-
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "collectives.py"
     proc = mpirun(2, str(script), "--quick", "--sizes", "8192", "28938", timeout=180)
     out = proc.stdout
@@ -92,3 +98,14 @@ def test_benchmark_script_prints_table_and_model(mpirun):
     assert sa_model == pytest.approx(1e6 * model.scatter_allgather(28_938 * 4, 2), rel=0.02, abs=0.1)
     assert values[7] == pytest.approx(sa / ar, rel=0.02, abs=0.01)
     assert "# 28,938 float32: Allreduce" in out
+
+@pytest.mark.mpi
+def test_benchmark_starts_itself_under_mpiexec_with_n():
+    """`python benchmarks/collectives.py -n 2` (its docstring's command) starts mpiexec itself, with what
+    the MPI found needs (ppu_lab.mpiexec), and rank 0 prints the table for 2 ranks and the MPI it used."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "collectives.py"
+    proc = run([sys.executable, str(script), "-n", "2", "--quick", "--sizes", "28938"], timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    header = proc.stdout.splitlines()[0]
+    assert header.startswith("# 2 ranks,") and " ".join(mpi4py_library()) in header, header
+    assert re.search(r"^\s+28,938\s", proc.stdout, re.M) and "28,938 float32: Allreduce" in proc.stdout

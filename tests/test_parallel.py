@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 
 import numpy as np
 import pytest
 
 from ppu_lab import ridge
 from ppu_lab.mpi import RankError, shard_bounds, shard_counts
+from ppu_lab.mpiexec import usable_cores
 from ppu_lab.parallel import NonFiniteGradientError, ParallelSGDResult, RankInputError, amdahl_fit, amdahl_speedup
 
 
@@ -87,6 +89,11 @@ def test_amdahl_fit_needs_one_and_more_workers():
 def test_check_all_and_allreduce_sum(mpirun, n):
     proc = mpirun(n, "parallel_primitives.py", timeout=60)
     assert f"primitives ok on {n} ranks" in proc.stdout
+    # node_ranks_and_cores says whether the ranks share cores, also under Open MPI, which binds each rank
+    # to one core of its own when there are enough (then a rank itself may use 1 CPU)
+    ranks, cores = map(int, re.search(r"node: (\d+) ranks, (\d+) cores", proc.stdout).groups())
+    assert ranks == n and min(n, usable_cores()) <= cores <= usable_cores(), proc.stdout
+    assert (ranks > cores) == (n > usable_cores())
 
 
 def test_mpi_main_aborts_job_when_one_rank_raises(mpirun):

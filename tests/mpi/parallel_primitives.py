@@ -3,9 +3,12 @@
 Usage: mpiexec -n N python tests/mpi/parallel_primitives.py
 """
 
+import os
+
 import numpy as np
 
-from ppu_lab.mpi import RankError, allreduce_sum, check_all, check_everywhere, mpi_main, shard_bounds, world
+from ppu_lab.mpi import (RankError, allreduce_sum, check_all, check_everywhere, mpi_main, node_ranks_and_cores,
+                         shard_bounds, world)
 
 
 def main():
@@ -30,8 +33,11 @@ def main():
     n = np.array([hi - lo], dtype=np.int64)
     allreduce_sum(n, comm)
     assert n[0] == 10
+    ranks, cores = node_ranks_and_cores(comm)  # the machine's cores, whether or not the MPI binds ranks
+    own = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     if rank == 0:
         print(f"primitives ok on {size} ranks")
+        print(f"node: {ranks} ranks, {cores} cores (rank 0 may use {own})")
 
 
 class InputError(RankError, ValueError):
