@@ -89,6 +89,19 @@ def _steps(p: int) -> tuple[int, int, bool]:
     return math.ceil(math.log2(p)), 1 << (p.bit_length() - 1), p & (p - 1) == 0
 
 
+def _bcast_binomial(m, p):
+    return (p < 8) | (_arr(m) <= BCAST_SHORT)
+
+
+def _allgather_logarithmic(m, p):
+    pow2 = _steps(p)[2]
+    return p * _arr(m) < (ALLGATHER_LONG if pow2 else ALLGATHER_SHORT)  # doubling (or Bruck), else ring
+
+
+def _allreduce_doubling(m, p, itemsize=4):
+    return (_arr(m) <= ALLREDUCE_SHORT) | (_arr(m) < itemsize * _steps(p)[1])
+
+
 def send(m) -> Cost:
     """One message of ``m`` bytes (``Send``/``Recv``)."""
     m = _arr(m)
@@ -103,7 +116,7 @@ def bcast(m, p: int) -> Cost:
     binomial = Cost(L + 0 * m, L * m, 0 * m, m)
     ring = (m > BCAST_LONG) if pow2 else (m == m)                      # allgather by ring, else by doubling
     halves = Cost(np.where(ring, L + p - 1, 2 * L), 2 * (p - 1) / p * m, 0 * m, m / 2)  # scatter + allgather
-    return _choose((p < 8) | (m <= BCAST_SHORT), binomial, halves)
+    return _choose(_bcast_binomial(m, p), binomial, halves)
 
 
 def scatter(m, p: int) -> Cost:
@@ -123,7 +136,7 @@ def allgather(m, p: int) -> Cost:
     m, (L, _, pow2) = _arr(m), _steps(p)
     if p == 1:
         return Cost(0 * m, 0 * m, 0 * m, 0 * m)
-    logarithmic = p * m < (ALLGATHER_LONG if pow2 else ALLGATHER_SHORT)  # doubling or Bruck, else ring
+    logarithmic = _allgather_logarithmic(m, p)
     return Cost(np.where(logarithmic, L, p - 1), (p - 1) * m, 0 * m, np.where(logarithmic, (p // 2) * m, m))
 
 
@@ -136,7 +149,7 @@ def allreduce(m, p: int, itemsize: int = 4) -> Cost:
     extra = Cost(0 * m, 0 * m, 0 * m, 0 * m) if pow2 else Cost(2 + 0 * m, 2 * m, m, m)  # fold in, send back
     doubling = Cost(k + 0 * m, k * m, k * m, m) + extra
     rabenseifner = Cost(2 * k + 0 * m, 2 * (q - 1) / q * m, (q - 1) / q * m, m / 2) + extra
-    return _choose((m <= ALLREDUCE_SHORT) | (m < itemsize * q), doubling, rabenseifner)
+    return _choose(_allreduce_doubling(m, p, itemsize), doubling, rabenseifner)
 
 
 def _choose(cond, a: Cost, b: Cost) -> Cost:
@@ -165,10 +178,26 @@ def design(name: str, p: int, grad_bytes, batch_bytes=0.0) -> Cost:
     raise ValueError(f"design must be one of {DESIGNS}; got {name!r}")
 
 
+def algorithm(name: str, m: float, p: int) -> str:
+    """The algorithm MPICH selects by default for collective ``name`` (a key of ``COLLECTIVES``) of ``m`` bytes."""
+    if name == "Send":
+        return "point-to-point"
+    if p == 1:
+        return "local copy"
+    if name == "Bcast":
+        return "binomial" if _bcast_binomial(m, p) else "scatter + allgather"
+    if name in ("Allgather", "Allgather + sum"):
+        kind = ("recursive doubling" if _steps(p)[2] else "Bruck") if _allgather_logarithmic(m, p) else "ring"
+        return kind + (" + sum" if name.endswith("sum") else "")
+    if name in ("Allreduce", "pickled allreduce"):
+        return "recursive doubling" if _allreduce_doubling(m, p) else "reduce-scatter + allgather"
+    return {"Scatter": "binomial", "Scatterv": "linear"}[name]
+
+
 #: ``name -> cost(m, p)`` for every collective the lab calls (m as in each function's docstring).
 COLLECTIVES = {"Send": lambda m, p: send(m), "Bcast": bcast, "Scatter": scatter, "Scatterv": scatterv,
-               "Allgather": allgather, "Allreduce": allreduce,
-               "Allgather + sum": lambda m, p: allgather(m, p) + reduce_local(m, p)}
+               "Allgather": allgather, "Allgather + sum": lambda m, p: allgather(m, p) + reduce_local(m, p),
+               "Allreduce": allreduce, "pickled allreduce": allreduce}  # the model has no term for pickling
 
 
 # =========================================================================== seconds

@@ -354,26 +354,25 @@ def pingpong_fit(nbytes: Sequence[float], seconds: Sequence[float], model=None, 
     return ax
 
 
-def collective_costs(rows, model=None, ax=None, keys=("allreduce", "scatter_allgather", "pickled")):
-    """Time per sum (µs) vs message size (bytes) for the rows of ``collectives.compare_sums``
-    (one line per method and rank count), with the alpha-beta prediction dashed."""
+def collective_costs(rows, model=None, ax=None, collectives=("Allreduce", "Allgather + sum", "pickled allreduce")):
+    """Time per call (µs) vs message size (bytes) of ``collectives.compare_collectives``'s rows, one line per
+    collective and rank count, with the cost model's prediction (``model.time(costmodel.COLLECTIVES[name](m, p))``) dashed."""
+    from ppu_lab import costmodel
+
     ax = _ax(ax)
-    names = {"allreduce": "Allreduce", "scatter_allgather": "Scatter+Allgather", "pickled": "pickled allreduce"}
-    predict = {"allreduce": "allreduce", "scatter_allgather": "scatter_allgather", "pickled": None}
     for p in sorted({r["ranks"] for r in rows}):
-        sel = sorted((r for r in rows if r["ranks"] == p), key=lambda r: r["nbytes"])
-        m = np.array([r["nbytes"] for r in sel], dtype=float)
-        for i, key in enumerate(keys):
-            t = np.array([r[key] for r in sel], dtype=float)
-            if np.isnan(t).all():
+        for i, name in enumerate(collectives):
+            sel = sorted((r for r in rows if r["ranks"] == p and r["collective"] == name), key=lambda r: r["nbytes"])
+            if not sel:
                 continue
-            (line,) = ax.loglog(m, 1e6 * t, "o-", color=f"C{i}", alpha=0.5 + 0.5 / p,
-                                label=f"{names[key]}, p={p}")
-            if model is not None and predict[key]:
-                ax.loglog(m, 1e6 * getattr(model, predict[key])(m, p), "--", color=line.get_color(),
-                          alpha=line.get_alpha(), label=f"{names[key]} model, p={p}")
+            m = np.array([r["nbytes"] for r in sel], dtype=float)
+            (line,) = ax.loglog(m, [1e6 * r["seconds"] for r in sel], "o-", color=f"C{i}", alpha=0.5 + 0.5 / p,
+                                label=f"{name}, p={p}")
+            if model is not None:
+                ax.loglog(m, 1e6 * np.array([model.time(costmodel.COLLECTIVES[name](v, p)) for v in m]), "--",
+                          color=line.get_color(), alpha=line.get_alpha(), label=f"{name} model, p={p}")
     ax.set_xlabel("message size per rank (bytes)")
-    ax.set_ylabel("time per sum (µs)")
+    ax.set_ylabel("time per call (µs)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3, which="both")
     return ax
