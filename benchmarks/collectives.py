@@ -2,10 +2,11 @@
 
     mpiexec -n 2 python benchmarks/collectives.py            # about 30 s
     mpiexec -n 2 python benchmarks/collectives.py --quick    # a few seconds (PPU_LAB_QUICK=1 too)
-    mpiexec -n 2 python benchmarks/collectives.py --save-reference   # also write results/reference/collectives.json
+    mpiexec -n 2 python benchmarks/collectives.py --save-reference   # also results/reference/{collectives,pingpong,bcast}.json
 
 Rank 0 prints the ping-pong between ranks 0 and 1, the alpha-beta line fitted to all of it and the
-two lines of ``fit_regimes`` (split where the MPI library switches protocol), gamma (the library's
+two lines of ``fit_regimes`` (split where the MPI library switches protocol: MPICH's documented
+switch, and where this ping-pong bends most), gamma (the library's
 own reduction, ``MPI_Reduce_local``), MPICH's switch points (``mpivars``), then for every collective
 and message size (float32, 8k to 1M floats per rank) the measured time, the model's and their ratio.
 The model is the two-line (regimes) fit with gamma.
@@ -30,11 +31,14 @@ REFERENCE = "collectives"
 def measure(comm, sizes, repeat):
     """Ping-pong, the fits, gamma and every collective: one dict, the same on every rank."""
     nbytes, secs = C.pingpong(sizes=PINGPONG_SIZES, comm=comm, repeat=repeat)
-    gamma = comm.bcast(C.measure_gamma() if comm.Get_rank() == 0 else None, root=0)
+    gamma, switch = comm.bcast((C.measure_gamma(), C.protocol_switch()) if comm.Get_rank() == 0 else None, root=0)
     line = C.fit_alpha_beta(nbytes, secs, gamma)
-    regimes = C.fit_regimes(nbytes, secs, gamma)
+    regimes = C.fit_regimes(nbytes, secs, gamma, switch=switch)  # at MPICH's documented switch, if known
+    bend = C.fit_regimes(nbytes, secs, gamma).switch             # where this ping-pong bends most
     rows = C.compare_collectives(sizes, comm=comm, repeat=repeat)
-    return {"pingpong": (nbytes.tolist(), secs.tolist()), "line": line, "regimes": regimes, "rows": rows}
+    bcast = C.compare_bcast([10, 1_000, 100_000], comm=comm, repeat=repeat)
+    return {"pingpong": (nbytes.tolist(), secs.tolist()), "line": line, "regimes": regimes, "rows": rows,
+            "bcast": bcast, "bend": bend}
 
 
 def report(result, p, cores, lib, quick, cvars) -> str:
@@ -45,6 +49,7 @@ def report(result, p, cores, lib, quick, cvars) -> str:
     out.append("# ping-pong (one way): " + ", ".join(f"{m} B {1e6 * t:.2f} us" for m, t in zip(nbytes, secs)))
     out.append(f"# fitted model: {result['line']}")
     out.append(f"# two regimes: {result['regimes']}")
+    out.append(f"# the ping-pong bends most at {result['bend']:,.0f} B (two lines fitted at every split)")
     if cvars:
         out.append("# MPICH switch points (mpivars): " + ", ".join(f"{k[10:]}={v}" for k, v in cvars.items()))
     out.append(C.format_model_table(result["rows"], result["regimes"]))
@@ -55,18 +60,20 @@ def report(result, p, cores, lib, quick, cvars) -> str:
 
 
 def save_reference(result, argv, cvars):
+    """results/reference/{collectives, pingpong, bcast}.json: what notebook 03 quotes and draws."""
     from ppu_lab import reference
 
     regimes, line = result["regimes"], result["line"]
-    records = [{**r, "algorithm": m["algorithm"], "predicted": m["predicted"], "ratio": m["ratio"]}
-               for r, m in zip(result["rows"], C.model_rows(result["rows"], regimes))]
-    nbytes, secs = result["pingpong"]
-    records += [{"collective": "ping-pong", "nbytes": int(m), "seconds": t} for m, t in zip(nbytes, secs)]
-    notes = {"alpha": line.alpha, "beta": line.beta, "gamma": line.gamma, "switch": regimes.switch,
+    notes = {"alpha": line.alpha, "beta": line.beta, "gamma": line.gamma, "switch": regimes.switch, "bend": result["bend"],
              "small": [regimes.small.alpha, regimes.small.beta], "large": [regimes.large.alpha, regimes.large.beta],
              "mpich_cvars": cvars}
-    return reference.save(REFERENCE, records, command="mpiexec -n 2 python benchmarks/collectives.py "
-                          + " ".join(argv), notes=notes)
+    command = "mpiexec -n 2 python benchmarks/collectives.py " + " ".join(argv)
+    nbytes, secs = result["pingpong"]
+    saved = [reference.save(REFERENCE, C.model_rows(result["rows"], regimes), command=command, notes=notes),
+             reference.save("pingpong", [{"nbytes": int(m), "seconds": t} for m, t in zip(nbytes, secs)],
+                            command=command, notes=notes),
+             reference.save("bcast", result["bcast"], command=command)]
+    return ", ".join(map(str, saved))
 
 
 def main(argv=None):

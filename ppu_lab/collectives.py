@@ -36,7 +36,7 @@ from ppu_lab.costmodel import AlphaBeta, Regimes, fit_alpha_beta
 from ppu_lab.mpi import world
 
 __all__ = ["sum_by_allreduce", "sum_by_allgather", "sum_by_pickled_allreduce", "time_collective", "pingpong",
-           "AlphaBeta", "Regimes", "fit_alpha_beta", "fit_regimes", "measure_gamma", "mpich_defaults",
+           "AlphaBeta", "Regimes", "fit_alpha_beta", "fit_regimes", "measure_gamma", "mpich_defaults", "protocol_switch",
            "compare_collectives", "compare_collectives_over_ranks", "format_model_table", "compare_bcast"]
 
 #: Gradient-sized messages (floats) for the benchmark; 28,938 is the CNN of notebook 06.
@@ -217,20 +217,27 @@ def measure_gamma(nbytes: int = 1 << 20, dtype=np.float32, repeat: int = 20) -> 
     return best / (n * np.dtype(dtype).itemsize)
 
 
-def fit_regimes(nbytes, seconds, gamma: float = 0.0) -> Regimes:
-    """Two alpha-beta lines fitted to a ping-pong, split where they fit best: the library's protocol switch.
+def fit_regimes(nbytes, seconds, gamma: float = 0.0, min_points: int = 4, lowest: float = 1024,
+                switch: float | None = None) -> Regimes:
+    """Two alpha-beta lines fitted to a ping-pong, split at the library's protocol switch.
 
-    Every split that leaves at least 2 sizes on each side is tried; the one with the smallest total
-    squared relative error wins. ``switch`` is the first size of the upper line.
+    ``switch`` (bytes) given: split there (``protocol_switch()`` is MPICH's documented one). Otherwise
+    every split at a size of at least ``lowest`` bytes that leaves at least ``min_points`` sizes on
+    each side is tried (below a kilobyte every message costs about alpha, and noise would choose the
+    split) and the one with the smallest total squared relative error wins: where the ping-pong bends.
+    The returned ``switch`` is the first size of the upper line.
     """
     m, t = np.asarray(nbytes, dtype=float), np.asarray(seconds, dtype=float)
     order = np.argsort(m)
     m, t = m[order], t[order]
-    if m.size < 4:
-        raise ValueError("fit_regimes needs at least 4 message sizes (2 on each side of a switch)")
+    if m.size < 2 * min_points:
+        raise ValueError(f"fit_regimes needs at least {2 * min_points} message sizes ({min_points} on each side "
+                         "of a switch)")
     best = None
-    for k in range(2, m.size - 1):
-        if m[k - 1] == m[k] or np.ptp(m[:k]) == 0 or np.ptp(m[k:]) == 0:
+    splits = range(min_points, m.size - min_points + 1) if switch is None else [int(np.searchsorted(m, switch))]
+    for k in splits:
+        searched_too_low = switch is None and m[k] < lowest
+        if not 1 < k < m.size - 1 or searched_too_low or m[k - 1] == m[k] or np.ptp(m[:k]) == 0 or np.ptp(m[k:]) == 0:
             continue
         lo, hi = fit_alpha_beta(m[:k], t[:k], gamma), fit_alpha_beta(m[k:], t[k:], gamma)
         err = np.sum((lo.send(m[:k]) / t[:k] - 1) ** 2) + np.sum((hi.send(m[k:]) / t[k:] - 1) ** 2)
@@ -245,6 +252,13 @@ def fit_regimes(nbytes, seconds, gamma: float = 0.0) -> Regimes:
 MPICH_CVARS = ("MPIR_CVAR_ALLREDUCE_SHORT_MSG_SIZE", "MPIR_CVAR_BCAST_SHORT_MSG_SIZE", "MPIR_CVAR_BCAST_LONG_MSG_SIZE",
                "MPIR_CVAR_ALLGATHER_SHORT_MSG_SIZE", "MPIR_CVAR_ALLGATHER_LONG_MSG_SIZE",
                "MPIR_CVAR_CH4_IPC_CMA_P2P_THRESHOLD", "MPIR_CVAR_CH4_SHM_POSIX_IQUEUE_CELL_SIZE")
+
+
+def protocol_switch(cvars: dict | None = None) -> int | None:
+    """MPICH's documented point-to-point switch on one machine (bytes from which a message is copied once,
+    directly between the processes: ``MPIR_CVAR_CH4_IPC_CMA_P2P_THRESHOLD``); None for another MPI."""
+    cvars = mpich_defaults() if cvars is None else cvars
+    return cvars.get("MPIR_CVAR_CH4_IPC_CMA_P2P_THRESHOLD")
 
 
 def mpich_defaults(timeout: float = 60) -> dict:

@@ -55,8 +55,8 @@ def test_fit_regimes_finds_a_known_switch():
     assert fit.switch == 8192
     assert fit.small.alpha == pytest.approx(2e-6, rel=1e-6) and fit.large.beta == pytest.approx(1e-10, rel=1e-6)
     assert fit.gamma == 7e-11 and fit.send(1 << 20) == pytest.approx(large.send(1 << 20))
-    with pytest.raises(ValueError, match="at least 4"):
-        fit_regimes([1, 2, 3], [1e-6, 1e-6, 1e-6])
+    with pytest.raises(ValueError, match="at least 8"):
+        fit_regimes([1, 2, 3, 4, 5, 6, 7], [1e-6] * 7)
 
 
 def test_model_table_prints_the_models_predictions_and_ratios():
@@ -117,3 +117,13 @@ def test_benchmark_script_prints_table_and_model(mpirun):
         seen.add(name)
     assert seen == set(costmodel.COLLECTIVES), out
     assert "# 28,938 float32 (the CNN's gradient): Allreduce" in out
+
+
+def test_fit_regimes_at_a_given_switch():
+    m = np.array([2.0**k for k in range(0, 23)])
+    small, large = AlphaBeta(2e-6, 4e-10), AlphaBeta(5e-6, 1e-10)
+    t = np.where(m < 8192, small.send(m), large.send(m))
+    fit = fit_regimes(m, t, switch=8192)
+    assert fit.switch == 8192 and fit.large.alpha == pytest.approx(5e-6, rel=1e-6)
+    off = fit_regimes(m, t, switch=65_536)  # a wrong switch: the upper line no longer fits exactly
+    assert off.switch == 65_536 and off.small.beta != pytest.approx(4e-10, rel=1e-3)
