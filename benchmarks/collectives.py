@@ -2,7 +2,7 @@
 
     mpiexec -n 2 python benchmarks/collectives.py            # about 30 s
     mpiexec -n 2 python benchmarks/collectives.py --quick    # a few seconds (PPU_LAB_QUICK=1 too)
-    mpiexec -n 2 python benchmarks/collectives.py --save-reference   # also results/reference/{collectives,pingpong,bcast}.json
+    mpiexec -n 2 python benchmarks/collectives.py --save-reference   # and results/reference/*.json
 
 Rank 0 prints the ping-pong between ranks 0 and 1, the alpha-beta line fitted to all of it and the
 two lines of ``fit_regimes`` (split where the MPI library switches protocol: MPICH's documented
@@ -64,7 +64,8 @@ def save_reference(result, argv, cvars):
     from ppu_lab import reference
 
     regimes, line = result["regimes"], result["line"]
-    notes = {"alpha": line.alpha, "beta": line.beta, "gamma": line.gamma, "switch": regimes.switch, "bend": result["bend"],
+    notes = {"alpha": line.alpha, "beta": line.beta, "gamma": line.gamma, "switch": regimes.switch,
+             "bend": result["bend"],
              "small": [regimes.small.alpha, regimes.small.beta], "large": [regimes.large.alpha, regimes.large.beta],
              "mpich_cvars": cvars}
     command = "mpiexec -n 2 python benchmarks/collectives.py " + " ".join(argv)

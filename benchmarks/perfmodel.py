@@ -154,8 +154,8 @@ def main(argv=None):
             notes = {"switch": net.switch, "small": [net.small.alpha, net.small.beta],
                      "large": [net.large.alpha, net.large.beta], "gamma": net.gamma,
                      "models": {k: vars(m) for k, m in models.items()}}
-            path = reference.save(REFERENCE, records(net, models, measured), notes=notes,
-                                  command=f"mpiexec -n {comm.Get_size()} python benchmarks/perfmodel.py " + " ".join(argv))
+            command = f"mpiexec -n {comm.Get_size()} python benchmarks/perfmodel.py " + " ".join(argv)
+            path = reference.save(REFERENCE, records(net, models, measured), notes=notes, command=command)
             print(f"# saved {path}")
     return models, measured
 

@@ -31,7 +31,7 @@ Allreduce    recursive doubling if m <= 8 B (or fewer numbers   L, L m, L m
 MPICH documents ``MPIR_CVAR_ALLREDUCE_SHORT_MSG_SIZE = 2048`` B as the Allreduce switch; that is the
 rule of MPICH 3 and of its non-blocking ``Iallreduce``; the blocking Allreduce of MPICH 4-5 switches
 at 8 B. Every gradient in the lab is far above both. At p = 2 every algorithm is one exchange, so
-what shows on one machine is the point-to-point switch (``collectives.fit_regimes`` finds it).
+what shows on one machine is the point-to-point switch (``fit_regimes`` finds it).
 
 The two designs of data-parallel SGD (``ppu_lab.parallel``, ``ppu_lab.train``), per step:
 
@@ -133,7 +133,7 @@ def scatterv(m, p: int) -> Cost:
 
 def allgather(m, p: int) -> Cost:
     """``Allgather`` of ``m`` bytes from each of ``p`` ranks: every rank receives ``(p-1) m``."""
-    m, (L, _, pow2) = _arr(m), _steps(p)
+    m, (L, _, _) = _arr(m), _steps(p)
     if p == 1:
         return Cost(0 * m, 0 * m, 0 * m, 0 * m)
     logarithmic = _allgather_logarithmic(m, p)
@@ -250,7 +250,7 @@ class Regimes:
     """Two alpha-beta lines split at ``switch`` bytes: a protocol switch of the MPI library.
 
     A cost is priced by ``small`` when its largest message is below ``switch``, else by ``large``
-    (``collectives.fit_regimes`` finds the switch in a ping-pong). Same methods as :class:`AlphaBeta`.
+    (``fit_regimes`` finds the switch in a ping-pong). Same methods as :class:`AlphaBeta`.
     """
 
     switch: float
@@ -296,3 +296,34 @@ def fit_alpha_beta(nbytes, seconds, gamma: float = 0.0) -> AlphaBeta:
         beta = 1e-3 * t.min() / m.max()
         alpha = float(np.sum(w * w * (t - beta * m)) / np.sum(w * w))
     return AlphaBeta(float(alpha), float(beta), float(gamma))
+
+
+def fit_regimes(nbytes, seconds, gamma: float = 0.0, min_points: int = 4, lowest: float = 1024,
+                switch: float | None = None) -> Regimes:
+    """Two alpha-beta lines fitted to a ping-pong, split at the library's protocol switch.
+
+    ``switch`` (bytes) given: split there (``collectives.protocol_switch()`` is MPICH's documented one). Otherwise
+    every split at a size of at least ``lowest`` bytes that leaves at least ``min_points`` sizes on
+    each side is tried (below a kilobyte every message costs about alpha, and noise would choose the
+    split) and the one with the smallest total squared relative error wins: where the ping-pong bends.
+    The returned ``switch`` is the first size of the upper line.
+    """
+    m, t = np.asarray(nbytes, dtype=float), np.asarray(seconds, dtype=float)
+    order = np.argsort(m)
+    m, t = m[order], t[order]
+    if m.size < 2 * min_points:
+        raise ValueError(f"fit_regimes needs at least {2 * min_points} message sizes ({min_points} on each side "
+                         "of a switch)")
+    best = None
+    splits = range(min_points, m.size - min_points + 1) if switch is None else [int(np.searchsorted(m, switch))]
+    for k in splits:
+        searched_too_low = switch is None and m[k] < lowest
+        if not 1 < k < m.size - 1 or searched_too_low or m[k - 1] == m[k] or np.ptp(m[:k]) == 0 or np.ptp(m[k:]) == 0:
+            continue
+        lo, hi = fit_alpha_beta(m[:k], t[:k], gamma), fit_alpha_beta(m[k:], t[k:], gamma)
+        err = np.sum((lo.send(m[:k]) / t[:k] - 1) ** 2) + np.sum((hi.send(m[k:]) / t[k:] - 1) ** 2)
+        if best is None or err < best[0]:
+            best = (err, Regimes(float(m[k]), lo, hi))
+    if best is None:
+        raise ValueError("fit_regimes needs at least two different sizes on each side of a switch")
+    return best[1]

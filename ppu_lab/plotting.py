@@ -105,22 +105,11 @@ def step_breakdown(workers: Sequence[float], compute: Sequence[float], comm: Seq
 
 def with_reference(x, yours, ref_x, ref_y, xlabel: str, ylabel: str, ax=None, label: str = "your run",
                    ref_label: str = "reference run", logx: bool = False, logy: bool = False, **style):
-    """Your measurement beside the reference run's (``ppu_lab.reference``): yours in colour with markers,
-    the reference grey and dashed, on one Axes. Returns the Axes."""
-    ax = _ax(ax)
-    ax.plot(np.asarray(ref_x, dtype=float), np.asarray(ref_y, dtype=float), "s--", color="0.55", ms=4,
-            label=ref_label)
-    style.setdefault("marker", "o")
-    ax.plot(np.asarray(x, dtype=float), np.asarray(yours, dtype=float), label=label, **style)
-    if logx:
-        ax.set_xscale("log")
-    if logy:
-        ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    return ax
+    """Your measurement beside the reference run's (``ppu_lab.reference``): the reference grey and dashed,
+    yours in colour with markers (``sweep`` twice, on one Axes). Returns the Axes."""
+    ax = sweep(ref_x, ref_y, xlabel, ylabel, ax=ax, label=ref_label, logx=logx, logy=logy, marker="s", ls="--",
+               color="0.55", ms=4)
+    return sweep(x, yours, xlabel, ylabel, ax=ax, label=label, logx=logx, logy=logy, **style)
 
 
 def predicted_speedup(ranks, speedups: dict, ax=None, measured=None, xlabel: str = "MPI ranks", **style):
