@@ -1,0 +1,122 @@
+"""Figures of notebook 07's test of the course's conclusions. Every helper takes ``ax`` (or ``axes``)
+and returns what it drew on; ``prefix`` and ``style`` let a notebook draw a reference run beside the
+student's own on the same axes (``prefix="reference: ", style={"ls": "--", "alpha": 0.6}``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ppu_lab.experiments import RunIndex, select
+from ppu_lab.experiments import threshold as T
+
+
+def _ax(ax):
+    import matplotlib.pyplot as plt
+
+    return ax if ax is not None else plt.gca()
+
+
+def _finish(ax, xlabel, ylabel, title=None):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def loss_curves(records, ax=None, x="step", legend="batch {batch_size}", prefix="", **style):
+    """The per-step training loss of each record against ``x``: ``"step"``, ``"epoch"`` (steps divided
+    by the steps per epoch) or ``"samples"`` (images seen); one line per record, labelled by ``legend``
+    (formatted with the record's fields)."""
+    ax = _ax(ax)
+    for r in records:
+        loss = np.asarray(r["step_loss"], dtype=float)
+        k = np.arange(1, loss.size + 1)
+        xs = {"step": k, "epoch": k / r["steps_per_epoch"], "samples": k * r["global_batch"]}[x]
+        ax.plot(xs, loss, label=prefix + legend.format(**r), **style)
+    return _finish(ax, {"step": "SGD step", "epoch": "epoch (passes over the training set)",
+                        "samples": "training images seen"}[x], "training loss of the step's batch (nats)")
+
+
+def accuracy_vs_batch(records, label, ax=None, scaling="none", prefix="", **style):
+    """Test accuracy (%) after the run against the batch size, one node: mean over seeds, with each seed
+    as a dot; ``scaling``: ``"none"`` (fixed learning rate) or ``"linear"`` (scaled with the batch)."""
+    ax = _ax(ax)
+    R = RunIndex(select(records, label=label))
+    bs = sorted(k[2] for k in R.index if k[:2] == ("global", 1) and k[3] == scaling)
+    accs = [[100 * r["final_accuracy"] for r in R.get("global", 1, b, scaling).values()] for b in bs]
+    name = "fixed lr" if scaling == "none" else "lr scaled with the batch"
+    line, = ax.plot(bs, [np.mean(a) for a in accs], "o-", label=f"{prefix}{name}", **style)
+    for b, a in zip(bs, accs):
+        ax.plot([b] * len(a), a, ".", color=line.get_color(), alpha=0.5)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(bs, [str(b) for b in bs])
+    return _finish(ax, "batch size (one node)", "test accuracy (%)")
+
+
+def gradient_variance(rows, ax=None, prefix="", **style):
+    """E|g_B - g|^2 against the batch size (log-log), with sampling theory's 1/B line."""
+    ax = _ax(ax)
+    b = np.array([r["batch_size"] for r in rows])
+    v = np.array([r["variance"] for r in rows])
+    se = np.array([r["se"] for r in rows])
+    ax.errorbar(b, v, yerr=2 * se, fmt="o-", capsize=3, label=f"{prefix}measured (±2 se)", **style)
+    ax.plot(b, [r["expected"] for r in rows], "k:", label=f"{prefix}sampling theory (N - B) / (B (N - 1))")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(b, [str(x) for x in b])
+    return _finish(ax, "batch size B", "variance of the minibatch gradient")
+
+
+def threshold(records, label, p=2, axes=None, net=None, prefix="", model=True, **style):
+    """Conclusions (2) and (3) in one figure, against the batch size: (a) speedup of an epoch on ``p``
+    nodes, measured (±noise) and predicted by the step model; (b) communication share of a step;
+    (c) test accuracy on ``p`` nodes minus on one (±noise), for both batch modes. Returns the 3 Axes."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
+    net = net if net is not None or not model else T.network_here(records, label, p)
+    for mode, marker in (("global", "o"), ("per_rank", "s")):
+        rows = T.benefits(records, label, mode, p)
+        if not rows:
+            continue
+        b = np.array([r["batch_size"] for r in rows])
+        name = f"{prefix}{mode.replace('_', '-')} batch"
+        s, f = np.array([r["speedup"] for r in rows]), np.array([r["speedup_noise"] for r in rows])
+        line = axes[0].errorbar(b, s, yerr=[s - s / f, s * f - s], fmt=marker, capsize=3, label=name, **style)
+        axes[1].plot(b, [100 * r["share_p"] for r in rows], marker, label=name, color=line[0].get_color(), **style)
+        axes[2].errorbar(b, [100 * r["gain"] for r in rows], yerr=[100 * r["gain_noise"] for r in rows], fmt=marker,
+                         capsize=3, label=name, color=line[0].get_color(), **style)
+        if model:
+            _model_lines(records, label, mode, p, net, b, axes, line[0].get_color(), name)
+    _threshold_axes(axes, p)
+    return axes
+
+
+def _model_lines(records, label, mode, p, net, measured, axes, color, name):
+    grid = np.unique(np.geomspace(max(p, measured.min() / 2), measured.max() * 2, 40).round().astype(int))
+    curve = T.predicted(records, label, mode, p, grid, net)
+    axes[0].plot(curve["batch_size"], curve["speedup"], "-", color=color, lw=1, label=f"{name}: step model")
+    axes[1].plot(curve["batch_size"], 100 * curve["share"], "-", color=color, lw=1, label=f"{name}: step model")
+    b = T.time_threshold(curve)
+    if b is not None:
+        axes[0].axvline(b, color=color, ls=":", lw=1)
+        axes[0].annotate(f"pays from batch ~{b:.0f}", (b, 1.0), textcoords="offset points", xytext=(4, -12),
+                         fontsize=8, color=color)
+
+
+def _threshold_axes(axes, p):
+    axes[0].axhline(1.0, color="k", lw=0.8)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+    _finish(axes[0], "batch size (per node with a per-rank batch)", f"speedup of an epoch, {p} nodes vs 1",
+            "time: what more nodes bring")
+    _finish(axes[1], "batch size (per node with a per-rank batch)", f"communication share of a step (%), {p} nodes",
+            'the "overhead"')
+    axes[2].axhline(0.0, color="k", lw=0.8)
+    _finish(axes[2], "batch size (per node with a per-rank batch)", f"test accuracy, {p} nodes minus 1 (points)",
+            "training: what more nodes bring")
