@@ -41,6 +41,40 @@ def loss_curves(records, ax=None, x="step", legend="batch {batch_size}", prefix=
                         "samples": "training images seen"}[x], "training loss of the step's batch (nats)")
 
 
+def loss_by_nodes(records, label, mode, batch=50, seed=0, ax=None, x="epoch"):
+    """The training loss of every node count at one batch size and seed, in ``mode``, drawn together:
+    thick to thin and solid to dotted, so that identical curves (a global batch) stay visible."""
+    ax = _ax(ax)
+    R = RunIndex(select(records, label=label))
+    for k, p in enumerate(R.nodes(mode)):
+        run = R.get(mode, p, batch).get(seed)
+        if run is not None:
+            loss_curves([run], ax=ax, x=x, legend="{ranks} node(s)", lw=3 - 0.8 * min(k, 2), ls=("-", "--", ":")[k % 3])
+    ax.set_title(f"{mode.replace('_', '-')} batch {batch}, seed {seed}")
+    return ax
+
+
+def roughness_vs_nodes(records, label, ax=None, prefix="", **style):
+    """The step-to-step variance of the training loss (``measures.roughness``) on p nodes over that on
+    one node, against p, for each batch mode (mean over batch sizes and seeds), with the 1/p of a
+    global batch p times larger."""
+    from ppu_lab.experiments import roughness
+
+    ax = _ax(ax)
+    R = RunIndex(select(records, label=label))
+    for mode, marker in (("global", "o"), ("per_rank", "s")):
+        nodes, ratios = R.nodes(mode), []
+        for p in nodes:
+            pairs = [(one, R.get(mode, p, b)[s]) for b in R.batches(mode, p) for s, one in R.get(mode, 1, b).items()
+                     if s in R.get(mode, p, b)]
+            ratios.append(np.mean([roughness(many["step_loss"]) / roughness(one["step_loss"]) for one, many in pairs]))
+        ax.plot(nodes, ratios, marker=marker, label=f"{prefix}{mode.replace('_', '-')} batch", **{"ls": "-", **style})
+    p = np.array(R.nodes("per_rank") or [1])
+    ax.plot(p, 1 / p, "k:", label=None if "1 / nodes" in ax.get_legend_handles_labels()[1] else "1 / nodes")
+    ax.set_xticks(sorted({p for m in R.modes for p in R.nodes(m)} | {int(t) for t in ax.get_xticks()}))
+    return _finish(ax, "number of nodes (MPI ranks)", "loss roughness, p nodes / 1 node")
+
+
 def accuracy_vs_batch(records, label, ax=None, scaling="none", prefix="", **style):
     """Test accuracy (%) after the run against the batch size, one node: mean over seeds, with each seed
     as a dot; ``scaling``: ``"none"`` (fixed learning rate) or ``"linear"`` (scaled with the batch)."""
@@ -49,7 +83,7 @@ def accuracy_vs_batch(records, label, ax=None, scaling="none", prefix="", **styl
     bs = sorted(k[2] for k in R.index if k[:2] == ("global", 1) and k[3] == scaling)
     accs = [[100 * r["final_accuracy"] for r in R.get("global", 1, b, scaling).values()] for b in bs]
     name = "fixed lr" if scaling == "none" else "lr scaled with the batch"
-    line, = ax.plot(bs, [np.mean(a) for a in accs], "o-", label=f"{prefix}{name}", **style)
+    line, = ax.plot(bs, [np.mean(a) for a in accs], marker="o", label=f"{prefix}{name}", **{"ls": "-", **style})
     for b, a in zip(bs, accs):
         ax.plot([b] * len(a), a, ".", color=line.get_color(), alpha=0.5)
     ax.set_xscale("log", base=2)
@@ -63,8 +97,9 @@ def gradient_variance(rows, ax=None, prefix="", **style):
     b = np.array([r["batch_size"] for r in rows])
     v = np.array([r["variance"] for r in rows])
     se = np.array([r["se"] for r in rows])
-    ax.errorbar(b, v, yerr=2 * se, fmt="o-", capsize=3, label=f"{prefix}measured (±2 se)", **style)
-    ax.plot(b, [r["expected"] for r in rows], "k:", label=f"{prefix}sampling theory (N - B) / (B (N - 1))")
+    ax.errorbar(b, v, yerr=2 * se, marker="o", capsize=3, label=f"{prefix}measured (±2 se)", **{"ls": "-", **style})
+    if not prefix:
+        ax.plot(b, [r["expected"] for r in rows], "k:", label="sampling theory (N - B) / (B (N - 1))")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(b, [str(x) for x in b])
@@ -87,13 +122,15 @@ def threshold(records, label, p=2, axes=None, net=None, prefix="", model=True, *
         b = np.array([r["batch_size"] for r in rows])
         name = f"{prefix}{mode.replace('_', '-')} batch"
         s, f = np.array([r["speedup"] for r in rows]), np.array([r["speedup_noise"] for r in rows])
-        line = axes[0].errorbar(b, s, yerr=[s - s / f, s * f - s], fmt=marker, capsize=3, label=name, **style)
-        axes[1].plot(b, [100 * r["share_p"] for r in rows], marker, label=name, color=line[0].get_color(), **style)
-        axes[2].errorbar(b, [100 * r["gain"] for r in rows], yerr=[100 * r["gain_noise"] for r in rows], fmt=marker,
-                         capsize=3, label=name, color=line[0].get_color(), **style)
+        style = {"ls": "none", **style}
+        line = axes[0].errorbar(b, s, yerr=[s - s / f, s * f - s], marker=marker, capsize=3, label=name, **style)
+        color = line[0].get_color()
+        axes[1].plot(b, [100 * r["share_p"] for r in rows], marker=marker, label=name, color=color, **style)
+        axes[2].errorbar(b, [100 * r["gain"] for r in rows], yerr=[100 * r["gain_noise"] for r in rows], marker=marker,
+                         capsize=3, label=name, color=color, **style)
         if model:
             _model_lines(records, label, mode, p, net, b, axes, line[0].get_color(), name)
-    _threshold_axes(axes, p)
+    _threshold_axes(axes, p, sorted({r["batch_size"] for r in select(records, label=label) if r["ranks"] == p}))
     return axes
 
 
@@ -109,10 +146,11 @@ def _model_lines(records, label, mode, p, net, measured, axes, color, name):
                          fontsize=8, color=color)
 
 
-def _threshold_axes(axes, p):
+def _threshold_axes(axes, p, batches):
     axes[0].axhline(1.0, color="k", lw=0.8)
     for ax in axes:
         ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
     _finish(axes[0], "batch size (per node with a per-rank batch)", f"speedup of an epoch, {p} nodes vs 1",
             "time: what more nodes bring")
     _finish(axes[1], "batch size (per node with a per-rank batch)", f"communication share of a step (%), {p} nodes",

@@ -46,7 +46,8 @@ four conclusions tested), ``threshold`` (what more nodes bring per batch size, m
 """
 
 from ppu_lab.experiments.analysis import (COURSE_ITERATION_TIMES, MODES, RunIndex, course_table, epoch_rows,
-                                          format_course_table, format_table, group_by, select)
+                                          format_course_table, format_table, group_by, one_node_in_both_modes,
+                                          select)
 from ppu_lab.experiments.cli import LAUNCH_TIMEOUT, build_parser, grid_from_args, launch, main, run_command
 from ppu_lab.experiments.conclusions import (COURSE_CONCLUSIONS, VERDICTS, check_conclusions, format_conclusions,
                                              verdict_table)
@@ -61,7 +62,8 @@ from ppu_lab.experiments.runner import machine_info, run_grid, run_on_engines
 
 __all__ = [
     "COURSE_ITERATION_TIMES", "course_table", "epoch_rows", "format_course_table", "format_table", "group_by",
-    "select", "MODES", "RunIndex", "COURSE_CONCLUSIONS", "VERDICTS", "check_conclusions", "format_conclusions",
+    "select", "one_node_in_both_modes", "MODES", "RunIndex", "COURSE_CONCLUSIONS", "VERDICTS", "check_conclusions",
+    "format_conclusions",
     "verdict_table",
     "FLOORS", "accuracy_contrast", "gradient_noise", "roughness", "same_training", "seed_effect",
     "LAUNCH_TIMEOUT", "build_parser", "grid_from_args", "launch", "main", "run_command",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 
 __all__ = ["select", "group_by", "epoch_rows", "course_table", "format_course_table", "format_table",
-           "COURSE_ITERATION_TIMES", "RunIndex", "MODES"]
+           "COURSE_ITERATION_TIMES", "RunIndex", "MODES", "one_node_in_both_modes"]
 
 MODES = ("global", "per_rank")
 
@@ -95,6 +95,14 @@ class RunIndex:
     def time_nodes(self, mode):
         """The most nodes (> 1) with one core each; None when no such run was made."""
         return max((p for p in self.nodes(mode) if 1 < p <= self.cores), default=None)
+
+
+def one_node_in_both_modes(records) -> list[dict]:
+    """``records`` plus, for each run on one node, a copy filed under the other batch mode: on one node
+    the two modes are the same run, made once (``plans``), and a figure per mode needs its point."""
+    other = {"global": "per_rank", "per_rank": "global"}
+    copies = [{**r, "batch_mode": other[r["batch_mode"]]} for r in records if r["ranks"] == 1]
+    return list(records) + copies
 
 
 def epoch_rows(records) -> list[dict]:

@@ -88,12 +88,13 @@ def _conclusion1(R: RunIndex, gradient_variance) -> list[dict]:
     a, b = R.get("global", 1, lo), R.get("global", 1, hi)
     accs = ", ".join(f"{x}: {100 * _mean(R.get('global', 1, x), 'final_accuracy'):.1f}%" for x in bs)
     c = accuracy_contrast([(-1, a), (1, b)])
-    rows = [_row(mode, f"test accuracy after {R.epochs} epochs, fixed lr", c, 1,
-                 f"batch {accs}; {hi} vs {lo}: {_pts(c)} ({c['seeds']} seed(s), paired on the test images)")]
+    rows = [_row(mode, "test accuracy after the last epoch, fixed lr", c, 1,
+                 f"after {R.epochs} epochs, batch {accs}; {hi} vs {lo}: {_pts(c)} ({c['seeds']} seed(s), paired "
+                 f"on the test images)")]
     c = seed_effect(_per_seed(a, b, lambda x, y: math.log(x["final_train_loss"] / y["final_train_loss"])),
                     FLOORS["loss"])
     losses = ", ".join(f"{x}: {_mean(R.get('global', 1, x), 'final_train_loss'):.3f}" for x in bs)
-    rows.append(_row(mode, f"training loss after {R.epochs} epochs, fixed lr", c, 1,
+    rows.append(_row(mode, "training loss after the last epoch, fixed lr", c, 1,
                      f"mean loss of the last epoch, batch {losses}; {lo} / {hi}: {_times(c)}"))
     rows.append(_per_step_row(R, lo, hi))
     scaled = R.batches("global", 1, "linear")
