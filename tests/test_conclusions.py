@@ -194,7 +194,7 @@ def test_paired_error_is_mcnemars():
 def test_seed_effect_and_floor():
     c = E.seed_effect({0: 1.0, 1: 2.0, 2: 3.0})
     assert c["effect"] == 2.0 and c["se_seeds"] == pytest.approx(1 / math.sqrt(3))
-    assert c["noise"] == pytest.approx(2 / math.sqrt(3))
+    assert c["noise"] == pytest.approx(4.303 / math.sqrt(3))  # 95%: Student's t with 2 degrees of freedom
     assert E.seed_effect({0: 1.0, 1: 1.0}, floor=0.05)["noise"] == 0.05
     assert E.seed_effect({0: 1.0}, floor=0.05)["noise"] == 0.05  # one seed: the floor alone
 
@@ -217,3 +217,55 @@ def test_gradient_noise_falls_as_one_over_the_batch(mnist_root):
     var = {r["batch_size"]: r["variance"] for r in rows_}
     assert var[1000] < 1e-20 * var[25]  # the whole training set: the full gradient, no noise
     assert 0.5 < (var[200] / var[25]) / (25 / 200 * (1000 - 200) / (1000 - 25)) < 2.0  # sampling theory
+
+
+# ------------------------------------------------------------------ (2), (3): the threshold and the step model
+def _timed(p, b, mode, seed, step, comm):
+    """A run whose median step takes ``step`` s (``comm`` of it communicating) and whose epoch is its steps."""
+    r = _record(p, b, mode, seed, acc=0.9, share=comm / step if step else 0.0)
+    steps = math.ceil(8000 / (b * (p if mode == "per_rank" else 1)))
+    r.update(median_step_time=step, median_comm_time=comm, epoch_time=steps * step)
+    return r
+
+
+def test_step_model_is_fitted_to_one_node_and_predicts_the_speedup():
+    """T(1, B) = 1 ms + 10 us * B; on 2 nodes the Allreduce takes 2 ms: the model is perfmodel's
+    T(p) = T_compute/p + T_serial + T_comm(p), and 2 nodes pay from the batch where it reaches 1."""
+    from ppu_lab.costmodel import allreduce
+    from ppu_lab.experiments import threshold as T
+
+    serial, per_row, comm = 1e-3, 1e-5, 2e-3
+    recs = [_timed(1, b, "global", s, serial + per_row * b, 0.0) for b in (50, 200, 800) for s in SEEDS]
+    recs += [_timed(2, b, "global", s, serial + per_row * b / 2 + comm, comm) for b in (50, 200, 800) for s in SEEDS]
+    model, net = T.step_model(recs, "ann:50"), T.network_here(recs, "ann:50", 2)
+    assert model.serial == pytest.approx(serial) and model.per_row == pytest.approx(per_row)
+    assert net.time(allreduce(T.gradient_bytes("ann:50"), 2)) == pytest.approx(comm)
+    assert T.gradient_bytes("ann:50") == (795 * 50 + 10 + 1) * 8 and T.gradient_bytes("cnn") == (28_938 + 1) * 4
+    curve = T.predicted(recs, "ann:50", "global", 2, [50, 200, 800], net)
+    by_hand = [(serial + per_row * b) / (serial + per_row * b / 2 + comm) for b in (50, 200, 800)]
+    np.testing.assert_allclose(curve["speedup"], by_hand)
+    np.testing.assert_allclose(curve["share"], [comm / (serial + per_row * b / 2 + comm) for b in (50, 200, 800)])
+    assert T.time_threshold(curve) == 800  # 0.43 at 50, 0.86 at 200, 1.38 at 800
+    rows = T.benefits(recs, "ann:50", "global", 2)
+    np.testing.assert_allclose([r["speedup"] for r in rows], by_hand)  # the measured points: the same here
+    assert rows[0]["gain"] == 0.0 and rows[0]["gain_noise"] == 0.0
+
+
+def test_threshold_figure_draws_the_benefits_with_labelled_axes():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ppu_lab import conclusion_plots as CP
+    from ppu_lab.experiments import threshold as T
+
+    recs = synthetic(speed=lambda m, p, b: 1.8 if b == 50 else 1.1, gain=lambda m, p, b: -0.01 * (m == "per_rank"))
+    axes = CP.threshold(recs, "ann:50", p=2, model=False)
+    for ax in axes:
+        assert ax.get_xlabel() and ax.get_ylabel()
+    drawn = {c.get_label(): c for c in axes[0].containers}
+    for mode in E.MODES:
+        ys = drawn[f"{mode.replace('_', '-')} batch"].lines[0].get_ydata()
+        np.testing.assert_allclose(ys, [r["speedup"] for r in T.benefits(recs, "ann:50", mode, 2)])
+    plt.close("all")

@@ -55,7 +55,7 @@ from ppu_lab.experiments.grid import (BATCH_MODES, COURSE_BATCH_SIZES, DESIGNS, 
                                       ExperimentInputError, RunConfig, default_ranks, expand_grid, merge_grids,
                                       parse_model)
 from ppu_lab.experiments.measures import (FLOORS, accuracy_contrast, gradient_noise, roughness, same_training,
-                                          seed_effect)
+                                          seed_effect, t975)
 from ppu_lab.experiments.results import (SCHEMA, append_record, check_writable, correct_vector, default_out,
                                          load_results, make_record, pack_correct, repair_results)
 from ppu_lab.experiments.runner import machine_info, run_grid, run_on_engines
@@ -65,7 +65,7 @@ __all__ = [
     "select", "one_node_in_both_modes", "MODES", "RunIndex", "COURSE_CONCLUSIONS", "VERDICTS", "check_conclusions",
     "format_conclusions",
     "verdict_table",
-    "FLOORS", "accuracy_contrast", "gradient_noise", "roughness", "same_training", "seed_effect",
+    "FLOORS", "accuracy_contrast", "gradient_noise", "roughness", "same_training", "seed_effect", "t975",
     "LAUNCH_TIMEOUT", "build_parser", "grid_from_args", "launch", "main", "run_command",
     "BATCH_MODES", "COURSE_BATCH_SIZES", "DESIGNS", "FULL_EPOCHS", "MODELS", "QUICK", "ExperimentInputError",
     "RunConfig", "default_ranks", "expand_grid", "merge_grids", "parse_model",

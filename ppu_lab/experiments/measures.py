@@ -2,19 +2,21 @@
 roughness of a loss curve, and the variance of the minibatch gradient.
 
 Noise, the lab's rule. A difference between configurations counts only when it is larger than its
-*noise*, two standard errors, never smaller than a fixed floor (``FLOORS``). The standard error has
-two parts, added as variances:
+*noise*, the half-width of a 95% interval, never smaller than a fixed floor (``FLOORS``). It has two
+parts, added as variances:
 
 - the **seeds**: the configurations are run with the same seeds (initial weights and minibatch order),
-  and the spread of the per-seed difference over the seeds, divided by sqrt(seeds), says how much of
-  it another seed would change (needs two seeds or more);
+  and the spread of the per-seed difference over the seeds, divided by sqrt(seeds), is its standard
+  error; with so few seeds that spread is itself uncertain, so it is multiplied by Student's t
+  quantile (4.3 for 3 seeds, 12.7 for 2) rather than by 2 (needs two seeds or more);
 - the **test images** (accuracies only): both runs are scored on the *same* test images, so the
   error of their difference comes from the images on which they *disagree* (McNemar): for one pair of
   runs with b images right only in the first and c only in the second, of n, the difference is
   (c - b) / n with standard error sqrt(b + c - (c - b)^2 / n) / n. With several seeds the per-image
-  differences are averaged over the seeds first. Two runs that agree on every image differ by
-  exactly 0 with error 0: an unpaired binomial error (about 0.7 points on 2,000 images at 95%)
-  would call far smaller, real differences noise, and identical runs different.
+  differences are averaged over the seeds first, and the error is doubled. Two runs that agree on
+  every image differ by exactly 0 with error 0, where an unpaired binomial error (two standard errors
+  of about 1.6 points for two runs at 93% on 2,000 images) would call far smaller, real differences
+  noise, and identical runs different.
 
 Records must keep ``test_correct`` (per-image correctness, ``results.correct_vector``); records
 without it are judged on the seeds' spread alone.
@@ -28,7 +30,7 @@ import numpy as np
 
 from ppu_lab.experiments.results import correct_vector
 
-__all__ = ["FLOORS", "seed_effect", "accuracy_contrast", "roughness", "same_training", "gradient_noise"]
+__all__ = ["FLOORS", "t975", "seed_effect", "accuracy_contrast", "roughness", "same_training", "gradient_noise"]
 
 #: Differences never counted however well the seeds agree: times 5% (the resolution of a median on a
 #: shared machine), losses and loss roughness 2%, the communication share 1 point, accuracy 0.
@@ -36,14 +38,23 @@ FLOORS = {"time": math.log(1.05), "loss": math.log(1.02), "share": 0.01, "accura
           "roughness": math.log(1.02), "variance": math.log(1.02)}
 
 
+# Student's t, 97.5% quantile, by degrees of freedom (seeds - 1); 2.0 beyond the table.
+_T975 = {1: 12.71, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def t975(dof: int) -> float:
+    """Student's t quantile that a 95% interval of a mean of ``dof + 1`` values uses."""
+    return _T975.get(int(dof), 2.0)
+
+
 def seed_effect(values: dict, floor: float = 0.0) -> dict:
-    """The mean of per-seed values ``{seed: value}`` and its noise (2 standard errors over the seeds,
-    at least ``floor``; only ``floor`` with one seed)."""
+    """The mean of per-seed values ``{seed: value}`` and its noise (the 95% half-width over the seeds,
+    ``t975(seeds - 1)`` standard errors, at least ``floor``; only ``floor`` with one seed)."""
     v = np.array([values[s] for s in sorted(values)], dtype=float)
     if v.size == 0:
         raise ValueError("no seed has every run this comparison needs")
     se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else float("nan")
-    noise = max(2 * se, floor) if v.size > 1 else floor
+    noise = max(t975(v.size - 1) * se, floor) if v.size > 1 else floor
     return {"effect": float(v.mean()), "se_seeds": se, "noise": noise, "seeds": int(v.size),
             "per_seed": v.tolist()}
 
@@ -53,7 +64,8 @@ def accuracy_contrast(terms, floor: float = FLOORS["accuracy"]) -> dict:
 
     Pairs the runs by seed (the seeds every term has) and by test image. Returns ``effect`` (a
     fraction), ``se_images`` (paired, McNemar-style), ``se_seeds``, ``noise`` (2 combined standard
-    errors, at least ``floor``), ``seeds``, ``per_seed`` and ``disagreements`` (images on which the
+    errors, the seeds' part with Student's t, at least ``floor``), ``seeds``, ``per_seed`` and
+    ``disagreements`` (images on which the
     runs of a seed do not all agree, summed over the seeds).
     """
     seeds = sorted(set.intersection(*(set(runs) for _, runs in terms)))
@@ -64,14 +76,15 @@ def accuracy_contrast(terms, floor: float = FLOORS["accuracy"]) -> dict:
     vectors = [[correct_vector(runs[s]) for w, runs in terms] for s in seeds]
     if any(v is None for vs in vectors for v in vs):
         out["se_images"], out["disagreements"] = float("nan"), None
-        se = out["se_seeds"]
+        half = t975(len(seeds) - 1) * out["se_seeds"]
     else:
         per_image = np.array([sum(w * v.astype(float) for (w, _), v in zip(terms, vs)) for vs in vectors])
         d = per_image.mean(axis=0)  # (n_test,): the contrast on each image, averaged over the seeds
         out["se_images"] = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else 0.0
         out["disagreements"] = int(sum((np.any(vs, axis=0) & ~np.all(vs, axis=0)).sum() for vs in vectors))
-        se = math.sqrt(out["se_images"] ** 2 + (out["se_seeds"] if len(seeds) > 1 else 0.0) ** 2)
-    out["noise"] = max(2 * se, floor) if math.isfinite(se) else floor
+        seeds_half = t975(len(seeds) - 1) * out["se_seeds"] if len(seeds) > 1 else 0.0
+        half = math.sqrt((2 * out["se_images"]) ** 2 + seeds_half ** 2)
+    out["noise"] = max(half, floor) if math.isfinite(half) else floor
     return out
 
 
