@@ -13,7 +13,9 @@ Modules, and the notebook that explains each:
 - ``ppu_lab.ridge``        ridge objective, gradient, serial minibatch SGD    (01)
 - ``ppu_lab.threads``      Method 1: threads, the GIL, Hogwild!               (02)
 - ``ppu_lab.cluster``      ipyparallel MPI engines that start, fail clearly and clean up (00, 03-07)
-- ``ppu_lab.collectives``  ping-pong, alpha-beta model, timing of collectives  (03)
+- ``ppu_lab.collectives``  ping-pong, gamma, protocol switch; every collective measured beside the model (03)
+- ``ppu_lab.costmodel``    the alpha-beta-gamma cost of every collective and of both designs, derived once (03, 04)
+- ``ppu_lab.perfmodel``    the step-time model T(p) = T_compute/p + T_serial + T_comm(p); speedups past this machine (04, 06, 07)
 - ``ppu_lab.parallel``     Method 2: MPI data-parallel ridge SGD, two designs  (04)
 - ``ppu_lab.models``       the ANN (NumPy, hand backprop) and the CNN (PyTorch) (05, 06)
 - ``ppu_lab.train``        data-parallel training of both models over MPI      (05, 06)
@@ -23,9 +25,9 @@ Modules, and the notebook that explains each:
 - ``ppu_lab.experiments``  the course's experiment grid, resumable results, the course's four
                            conclusions tested with their noise (05, 07)
 - ``ppu_lab.slurm``        the same engines and experiments through Slurm      (README, "Running on a cluster")
+- ``ppu_lab.reference``    the committed reference runs the notebooks quote (``results/reference/``)
 - ``ppu_lab.plotting``     figures (take and return a matplotlib Axes)
 - ``ppu_lab.conclusion_plots``  the figures of the four conclusions, yours beside a reference (07)
-- ``ppu_lab.reference``    the committed reference runs that notebooks quote (05, 07)
 
 Submodules are imported on demand (``from ppu_lab import ridge``), so importing the
 package does not load MPI or PyTorch.

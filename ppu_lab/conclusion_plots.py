@@ -114,7 +114,7 @@ def threshold(records, label, p=2, axes=None, net=None, prefix="", model=True, *
 
     if axes is None:
         _, axes = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
-    net = net if net is not None or not model else T.network_here(records, label, p)
+    net = net if net is not None or not model else T.network_here()
     for mode, marker in (("global", "o"), ("per_rank", "s")):
         rows = T.benefits(records, label, mode, p)
         if not rows:

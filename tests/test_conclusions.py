@@ -231,15 +231,15 @@ def _timed(p, b, mode, seed, step, comm):
 def test_step_model_is_fitted_to_one_node_and_predicts_the_speedup():
     """T(1, B) = 1 ms + 10 us * B; on 2 nodes the Allreduce takes 2 ms: the model is perfmodel's
     T(p) = T_compute/p + T_serial + T_comm(p), and 2 nodes pay from the batch where it reaches 1."""
-    from ppu_lab.costmodel import allreduce
+    from ppu_lab.costmodel import AlphaBeta, allreduce
     from ppu_lab.experiments import threshold as T
 
     serial, per_row, comm = 1e-3, 1e-5, 2e-3
     recs = [_timed(1, b, "global", s, serial + per_row * b, 0.0) for b in (50, 200, 800) for s in SEEDS]
     recs += [_timed(2, b, "global", s, serial + per_row * b / 2 + comm, comm) for b in (50, 200, 800) for s in SEEDS]
-    model, net = T.step_model(recs, "ann:50"), T.network_here(recs, "ann:50", 2)
+    model = T.step_model(recs, "ann:50")
+    net = AlphaBeta(0.0, comm / allreduce(T.gradient_bytes("ann:50"), 2).nbytes)  # its Allreduce: 2 ms
     assert model.serial == pytest.approx(serial) and model.per_row == pytest.approx(per_row)
-    assert net.time(allreduce(T.gradient_bytes("ann:50"), 2)) == pytest.approx(comm)
     assert T.gradient_bytes("ann:50") == (795 * 50 + 10 + 1) * 8 and T.gradient_bytes("cnn") == (28_938 + 1) * 4
     curve = T.predicted(recs, "ann:50", "global", 2, [50, 200, 800], net)
     by_hand = [(serial + per_row * b) / (serial + per_row * b / 2 + comm) for b in (50, 200, 800)]
@@ -269,3 +269,15 @@ def test_threshold_figure_draws_the_benefits_with_labelled_axes():
         ys = drawn[f"{mode.replace('_', '-')} batch"].lines[0].get_ydata()
         np.testing.assert_allclose(ys, [r["speedup"] for r in T.benefits(recs, "ann:50", mode, 2)])
     plt.close("all")
+
+
+def test_network_here_is_notebook_03s_fit_of_the_reference_machine():
+    from ppu_lab import reference
+    from ppu_lab.costmodel import allreduce
+    from ppu_lab.experiments import threshold as T
+
+    fit = reference.load("pingpong")["notes"]
+    net = T.network_here()
+    assert (net.switch, net.large.alpha, net.large.beta, net.gamma) == (fit["switch"], *fit["large"], fit["gamma"])
+    cost = allreduce(T.gradient_bytes("ann:50"), 2)  # 318 KB: above the switch, the large-message line
+    assert net.time(cost) == pytest.approx(net.large.time(cost)) and net.time(cost) > 0

@@ -5,8 +5,8 @@ and the time predicted by the step model of ``ppu_lab.perfmodel`` (notebook 07's
     T(p) = T_compute/p + T_serial + T_comm(p)
 
 ``step_model`` takes T_compute (per row of the batch) and T_serial from the one-node runs' median step
-times (``perfmodel.fit_batch_line``); T_comm(p) is the alpha-beta(gamma) model of ``ppu_lab.costmodel``
-for the gradient's Allreduce, priced by ``network_here``.
+times (``perfmodel.train_model``); T_comm(p) is the alpha-beta(gamma) model of ``ppu_lab.costmodel``
+for the gradient's Allreduce, priced by notebook 03's fit of this machine (``network_here``).
 """
 
 from __future__ import annotations
@@ -54,36 +54,29 @@ def benefits(records, label: str, mode: str, p: int) -> list[dict]:
 
 
 def step_model(records, label: str, mode: str = "global", batch: int = 100, design: str = "allreduce"):
-    """The ``perfmodel.StepModel`` of ``label`` at ``batch``: per-row and serial seconds fitted to the
-    median step times of the one-node runs (fixed learning rate) over their batch sizes."""
-    from ppu_lab.perfmodel import StepModel, fit_batch_line
+    """The ``perfmodel.StepModel`` of ``label`` at ``batch`` (``perfmodel.train_model``): per-row and serial
+    seconds fitted to the one-node runs' median step times (fixed learning rate; median over the seeds)."""
+    from ppu_lab.perfmodel import train_model
 
     R = RunIndex([r for r in records if r.get("label") == label])
-    points = [(b, r["median_step_time"]) for b in R.batches("global", 1) for r in R.get("global", 1, b).values()]
-    serial, per_row = fit_batch_line(*zip(*points))
-    return StepModel(per_row=per_row, serial=serial, batch=int(batch), design=design,
-                     grad_bytes=gradient_bytes(label), batch_mode=mode)
+    steps = {b: float(np.median([r["median_step_time"] for r in R.get("global", 1, b).values()]))
+             for b in R.batches("global", 1)}
+    return train_model(steps, gradient_bytes(label), int(batch), design=design, batch_mode=mode)
 
 
-def network_here(records, label: str, p: int = 2):
-    """This machine's network for the step model, as a ``costmodel.AlphaBeta``.
+def network_here():
+    """The lab's machine's network for the step model: notebook 03's alpha-beta(gamma) fit of a ping-pong,
+    two lines split at MPICH's protocol switch (``costmodel.Regimes``), as its reference run recorded it
+    (``results/reference/pingpong.json``). A quiet machine's wires: the waiting for a rank that a busy
+    machine descheduled is not in it. Notebook 03 measures and fits your machine's."""
+    from ppu_lab import reference
+    from ppu_lab.costmodel import AlphaBeta, Regimes
 
-    MARKED PLACE (issue 10, part 3): the lab's alpha-beta(gamma) fit of this machine is notebook 03's
-    (branch ``commmath``); until its reference run records one, the network is calibrated here on the
-    runs themselves: no latency, and the seconds per byte that make the model's Allreduce of the
-    gradient on ``p`` nodes take the median communication time measured there (global batch, all batch
-    sizes and seeds). That time includes waiting for a rank that the shared machine descheduled, so
-    this "network" is the machine as it was during the run, not its wires. Replace it by the fitted
-    model (e.g. ``reference.load("03_...")``) once it exists; nothing else here changes.
-    """
-    from ppu_lab.costmodel import AlphaBeta, allreduce
-
-    R = RunIndex([r for r in records if r.get("label") == label])
-    comm = [r["median_comm_time"] for b in R.batches("global", p) for r in R.get("global", p, b).values()]
-    if not comm:
-        raise ValueError(f"network_here needs global-batch runs of {label} on {p} nodes")
-    cost = allreduce(gradient_bytes(label), p)
-    return AlphaBeta(alpha=0.0, beta=float(np.median(comm)) / float(cost.nbytes))
+    fit = reference.load("pingpong")["notes"]
+    if not isinstance(fit, dict) or not {"switch", "small", "large", "gamma"} <= set(fit):
+        raise ValueError("results/reference/pingpong.json holds no alpha-beta fit: re-record it with "
+                         "`python benchmarks/record_references.py --only 03`")
+    return Regimes(fit["switch"], AlphaBeta(*fit["small"], fit["gamma"]), AlphaBeta(*fit["large"], fit["gamma"]))
 
 
 def predicted(records, label: str, mode: str, p: int, batches, net) -> dict:
