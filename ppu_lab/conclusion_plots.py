@@ -135,7 +135,7 @@ def threshold(records, label, p=2, axes=None, net=None, prefix="", model=True, *
 
 
 def _model_lines(records, label, mode, p, net, measured, axes, color, name):
-    grid = np.unique(np.geomspace(max(p, measured.min() / 2), measured.max() * 2, 40).round().astype(int))
+    grid = np.unique(np.geomspace(max(p, measured.min() / 4), measured.max() * 2, 40).round().astype(int))
     curve = T.predicted(records, label, mode, p, grid, net)
     axes[0].plot(curve["batch_size"], curve["speedup"], "-", color=color, lw=1, label=f"{name}: step model")
     axes[1].plot(curve["batch_size"], 100 * curve["share"], "-", color=color, lw=1, label=f"{name}: step model")
@@ -147,6 +147,9 @@ def _model_lines(records, label, mode, p, net, measured, axes, color, name):
 
 
 def _threshold_axes(axes, p, batches):
+    drawn = [y for ln in axes[0].get_lines() if ln.get_marker() not in ("_", "|")  # not the noise bars' caps
+             for y in np.ravel(ln.get_ydata()) if np.isfinite(y)]
+    axes[0].set_ylim(0, max(2.5, 1.3 * max(drawn, default=1.0)))  # noise bars beyond are cut: they are wide
     axes[0].axhline(1.0, color="k", lw=0.8)
     for ax in axes:
         ax.set_xscale("log", base=2)
