@@ -159,7 +159,10 @@ def _speedup_text(R, mode, p, bs) -> str:
 
 def _gain_text(R, mode, p, bs) -> str:
     gains = ", ".join(f"{b}: {100 * accuracy_contrast(_gain(R, mode, p, b))['effect']:+.2f}" for b in bs)
-    return f"accuracy on {p} nodes minus on 1, batch {gains} points"
+    ratio = {b: _mean(R.get(mode, p, b), "final_train_loss") / _mean(R.get(mode, 1, b), "final_train_loss") for b in bs}
+    losses = ", ".join(f"{b}: x{r:.2f}" for b, r in ratio.items())
+    return (f"accuracy on {p} nodes minus on 1, batch {gains} points; training loss of the last epoch on {p} "
+            f"nodes / on 1, batch {losses}")
 
 
 def _conclusion2(R: RunIndex) -> list[dict]:
