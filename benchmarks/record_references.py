@@ -1,16 +1,18 @@
-"""Record the reference runs that notebooks 02, 03, 04 and 06 quote and draw (results/reference/*.json).
+"""Record the reference runs that notebooks 02 to 07 quote and draw (results/reference/*.json).
 
-    python benchmarks/record_references.py               # every notebook's (about 15 min on 2 quiet cores)
-    python benchmarks/record_references.py --only 03     # one notebook's: 02, 03, 04 or 06 (repeatable)
+    python benchmarks/record_references.py               # every notebook's (about 20 min on 2 quiet cores)
+    python benchmarks/record_references.py --only 07     # one notebook's: 02-07 (repeatable)
     python benchmarks/record_references.py --list        # what each one runs
 
 Run it on a quiet machine: each file records the machine and its load average when it started
 (``ppu_lab.reference.machine``), and the notebooks print that line (``reference.describe``) beside the
 numbers they quote. Every job is a benchmark of ``benchmarks/`` with ``--save-reference`` (for
-notebook 06 also the notebook's course grid, run by ``python -m ppu_lab.experiments``, as ``cnn_grid``),
-then the notebook itself in full mode (``jupyter nbconvert --execute``, ``PPU_LAB_QUICK`` unset), whose
-wall time goes to ``notebook_runs``. Each step has a deadline (``--timeout``) and is stopped with its
-process group when it passes it.
+notebook 06 also the notebook's course grid, run by ``python -m ppu_lab.experiments``, as ``cnn_grid``;
+for notebooks 05 and 07 their grid of ``ppu_lab.experiments.plans``, as ``05_ann`` and ``07_conclusions``,
+with what it cost, the load average before and after, and for 07 the gradient noise and the verdicts of
+``experiments.check_conclusions``), then the notebook itself in full mode (``jupyter nbconvert
+--execute``, ``PPU_LAB_QUICK`` unset), whose wall time goes to ``notebook_runs``. Each step has a
+deadline (``--timeout``) and is stopped with its process group when it passes it.
 """
 
 from __future__ import annotations
@@ -25,14 +27,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-NOTEBOOKS = {"02": "02_threads", "03": "03_mpi_collectives", "04": "04_mpi_sgd_ridge", "06": "06_cnn_mnist"}
+NOTEBOOKS = {"02": "02_threads", "03": "03_mpi_collectives", "04": "04_mpi_sgd_ridge", "05": "05_ann_mnist",
+             "06": "06_cnn_mnist", "07": "07_results_and_conclusions"}
 #: notebook -> benchmark runs (ranks or None for a plain process, script and arguments)
 BENCHMARKS = {
     "02": [(None, "threads.py", "--save-reference")],
     "03": [(2, "collectives.py", "--save-reference")],
     "04": [(3, "perfmodel.py", "--save-reference")],
     "06": [(None, "dp_step.py", "--ranks", "1", "2", "--save-reference")],
+    "05": [], "07": [],
 }
+#: notebooks 05 and 07: the reference name of the notebook's grid (``ppu_lab.experiments.plans``) and the plan
+PLAN_GRIDS = {"05": ("05_ann", "ann"), "07": ("07_conclusions", "conclusions")}
 #: notebook 06's grid in full mode (section 6): 4 engines, ranks 1, 2, 4, both batch modes, 1 epoch
 CNN_GRID = ["--models", "cnn", "--ranks", "1,2,4", "--batch-sizes", "50,100,150,200", "--batch-mode",
             "global,per_rank", "--epochs", "1"]
@@ -80,6 +86,45 @@ def cnn_grid(timeout):
         print("saved", reference.save("cnn_grid", load_results(out), command=command))
 
 
+def plan_grid(key, timeout):
+    """Notebook 05's or 07's grid (``plans``) in full mode, saved with its cost (and 07's verdicts)."""
+    from ppu_lab import experiments as E
+    from ppu_lab import reference
+    from ppu_lab.data import load_mnist
+    from ppu_lab.experiments import plans
+    from ppu_lab.mpiexec import mpiexec_command
+
+    name, plan = PLAN_GRIDS[key]
+    n = plans.plan_ranks(plan, quick=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / f"{name}.jsonl"
+        launch = mpiexec_command(n, sys.executable, "-m", "ppu_lab.experiments", "run", "--plan", plan, "--out", out)
+        load0 = os.getloadavg()
+        seconds = _run(launch.cmd, timeout, env=launch.environ(_full_mode()))
+        records = E.load_results(out)
+    cost = {"runs": len(records), "mpi_processes": n, "wall_seconds": round(seconds, 1), "cores": os.cpu_count(),
+            "load_average_before": list(load0), "load_average_after": list(os.getloadavg())}
+    summary = {"cost": cost}
+    command = f"python benchmarks/record_references.py --only {key}"
+    if key == "07":
+        rows = plans.gradient_variance(load_mnist(), quick=False)
+        print("saved", reference.save("07_gradient_variance", rows, command=command,
+                                      notes="the gradient noise of conclusion (1)"))
+        checks = E.check_conclusions(records, plans.CONCLUSIONS_MODEL, rows)
+        summary["verdicts"] = E.verdict_table(checks)
+        print(E.format_conclusions(checks))
+    print("saved", reference.save(name, records, command=command, notes=_notes(cost), summary=summary))
+
+
+def _notes(cost) -> str:
+    load = max(cost["load_average_before"][0], cost["load_average_after"][0])
+    if load < 0.5 * cost["cores"]:
+        return "Full-mode grid of the notebook, recorded on a quiet machine."
+    return (f"Full-mode grid of the notebook, PROVISIONAL: recorded on a shared machine (load average {load:.1f} "
+            f"on {cost['cores']} cores), so its timings are slower and noisier than on a quiet one. Re-record with "
+            "`python benchmarks/record_references.py --only 05 --only 07` on a quiet machine.")
+
+
 def notebook(key, timeout):
     """Run the notebook in full mode (Restart & Run All) and record its wall time in ``notebook_runs``."""
     from ppu_lab import reference
@@ -118,6 +163,9 @@ def main(argv=None):
             runs = [f"{'mpiexec -n ' + str(r) + ' ' if r else ''}python benchmarks/{' '.join(a)}" for r, *a in
                     BENCHMARKS[k]]
             grid = ["mpiexec -n 4 python -m ppu_lab.experiments run " + " ".join(CNN_GRID)] if k == "06" else []
+            if k in PLAN_GRIDS:
+                plan = PLAN_GRIDS[k][1]
+                grid = [f"mpiexec -n N python -m ppu_lab.experiments run --plan {plan} (saved as {PLAN_GRIDS[k][0]})"]
             print(f"{k}: " + "; ".join(runs + grid) + f"; notebooks/{NOTEBOOKS[k]}.ipynb in full mode")
         return
     for k in keys:
@@ -125,6 +173,8 @@ def main(argv=None):
             benchmark(ranks, script, *extra, timeout=args.timeout)
         if k == "06":
             cnn_grid(args.timeout)
+        if k in PLAN_GRIDS:
+            plan_grid(k, args.timeout)
         if not args.no_notebooks:
             notebook(k, args.timeout)
 

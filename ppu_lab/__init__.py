@@ -24,10 +24,12 @@ Modules, and the notebook that explains each:
 - ``ppu_lab.trainconfig``  ``TrainConfig``: the settings of a training run    (05-07)
 - ``ppu_lab.steplog``      ``StepLog``: epochs, step count, timings, history of a run (05, 06)
 - ``ppu_lab.ddp``          PyTorch DistributedDataParallel for comparison      (06)
-- ``ppu_lab.experiments``  the course's experiment grid, resumable results, analysis (07)
+- ``ppu_lab.experiments``  the course's experiment grid, resumable results, the course's four
+                           conclusions tested with their noise (05, 07)
 - ``ppu_lab.slurm``        the same engines and experiments through Slurm (a package) (README, "Running on a cluster")
 - ``ppu_lab.reference``    the committed reference runs the notebooks quote (``results/reference/``)
 - ``ppu_lab.plotting``     figures (take and return a matplotlib Axes)
+- ``ppu_lab.conclusion_plots``  the figures of the four conclusions, yours beside a reference (07)
 
 Submodules are imported on demand (``from ppu_lab import ridge``), so importing the
 package does not load MPI or PyTorch.

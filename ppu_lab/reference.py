@@ -5,7 +5,7 @@ A notebook never quotes "on our quiet machine it took ..." from memory: it loads
 is one JSON object::
 
     {"name": ..., "recorded": "2026-12-02T23:00:00Z", "command": "how to reproduce it",
-     "machine": {...machine()...}, "notes": "...", "records": [{...}, ...]}
+     "machine": {...machine()...}, "notes": "...", "summary": {...}, "records": [{...}, ...]}
 
 ``save(name, records, command=...)`` writes one (run the notebook or benchmark in full, then save);
 ``FIELDS`` names, per reference, the record fields the notebooks use: ``tests/test_reference.py``
@@ -24,6 +24,9 @@ from pathlib import Path
 #: Where the committed reference files live (in the lab's checkout).
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "results" / "reference"
 
+# the fields of an experiments record that notebooks 05 and 07 read
+_GRID = ("label", "ranks", "batch_size", "batch_mode", "global_batch", "seed", "epoch_time", "median_step_time",
+         "median_compute_time", "median_comm_time", "comm_fraction", "final_accuracy", "machine")
 #: name -> record fields the notebooks read (extend it when a notebook starts quoting a reference).
 FIELDS: dict[str, tuple[str, ...]] = {
     # notebook 02 (benchmarks/threads.py)
@@ -41,6 +44,12 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "cnn_grid": ("label", "ranks", "batch_size", "batch_mode", "epoch_time", "final_accuracy"),
     # the notebooks' Restart & Run All in full mode (benchmarks/record_references.py)
     "notebook_runs": ("notebook", "seconds"),
+    # notebook 05, section 7: the course's grid of the ANN (ppu_lab.experiments.plans.ann_grid)
+    "05_ann": _GRID,
+    # notebook 07: the course's conclusions tested (plans.conclusions_grid, measures.gradient_noise)
+    "07_conclusions": _GRID + ("lr_scaling", "epochs", "final_train_loss", "step_loss", "test_correct", "n_test",
+                               "steps_per_epoch"),
+    "07_gradient_variance": ("batch_size", "variance", "se", "expected", "draws"),
 }
 
 
@@ -84,10 +93,14 @@ def path(name: str) -> Path:
     return REFERENCE_DIR / f"{name}.json"
 
 
-def save(name: str, records, *, command: str, notes: str = "", machine_info: dict | None = None) -> Path:
-    """Write ``records`` (a list of JSON-able dicts) as the reference ``name``; return the file."""
+def save(name: str, records, *, command: str, notes: str = "", machine_info: dict | None = None,
+         summary: dict | None = None) -> Path:
+    """Write ``records`` (a list of JSON-able dicts) as the reference ``name``; return the file.
+
+    ``summary``: what the run concluded, for the notebook to quote (e.g. its cost, its verdicts)."""
     doc = {"name": name, "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command,
-           "machine": machine() if machine_info is None else machine_info, "notes": notes, "records": list(records)}
+           "machine": machine() if machine_info is None else machine_info, "notes": notes,
+           "summary": summary or {}, "records": list(records)}
     REFERENCE_DIR.mkdir(parents=True, exist_ok=True)
     target = path(name)
     tmp = target.with_suffix(".json.part")

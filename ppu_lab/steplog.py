@@ -43,6 +43,10 @@ class TrainResult:
     history: list = field(default_factory=list)  # per epoch: epoch, train_loss, test_accuracy, epoch_time
     step_times: dict = field(default_factory=dict)  # "compute", "comm", "total": seconds per step
     config: dict = field(default_factory=dict)  # TrainConfig.describe(): settings used and the run's shape
+    # per step: the loss passed to StepLog.step over its batch (train: the global batch's mean loss,
+    # the same on every rank; ddp: this rank's shard loss over the global batch)
+    step_loss: list = field(default_factory=list)
+    test_correct: np.ndarray | None = None  # per test image, after the last epoch: classified correctly?
 
     def summary(self) -> dict:
         """Medians per step, mean epoch time, final accuracy and the run's shape, as one flat dict."""
@@ -81,6 +85,8 @@ class StepLog:
                         mininterval=0.5)
         self.show = show
         self.times = {"compute": [], "comm": [], "total": []}
+        self.step_loss: list = []
+        self.test_correct = None
         self.history: list = []
         self.steps = 0
         self.epoch, self.loss_sum, self.seen, self.epoch_time = 0, 0.0, 0, float("nan")
@@ -119,14 +125,17 @@ class StepLog:
         self.times["compute"].append(compute)
         self.times["comm"].append(comm)
         self.times["total"].append(total)
+        self.step_loss.append(loss / max(batch, 1))
         self.loss_sum += loss
         self.seen += batch
         self.steps += 1
         self.bar.update(1)
 
-    def end_epoch(self, accuracy: float, loss_sum: float | None = None) -> dict:
+    def end_epoch(self, accuracy: float, loss_sum: float | None = None, correct=None) -> dict:
         """Append the epoch's history entry (``loss_sum``: the epoch's loss over all ranks, when the
-        trainer summed it itself) and log it on the progress bar; return the entry."""
+        trainer summed it itself; ``correct``: which test images were classified correctly, kept for
+        paired comparisons of runs) and log it on the progress bar; return the entry."""
+        self.test_correct = correct
         loss = (self.loss_sum if loss_sum is None else float(loss_sum)) / max(self.seen, 1)
         entry = {"epoch": self.epoch, "train_loss": loss, "test_accuracy": accuracy,
                  "epoch_time": self.epoch_time, "complete": self.seen == self.n}
@@ -137,4 +146,5 @@ class StepLog:
         return entry
 
     def result(self, params: np.ndarray, config: dict) -> TrainResult:
-        return TrainResult(params=params, history=self.history, step_times=self.times, config=config)
+        return TrainResult(params=params, history=self.history, step_times=self.times, config=config,
+                           step_loss=self.step_loss, test_correct=self.test_correct)

@@ -40,7 +40,8 @@ from ppu_lab.ridge import DivergenceError
 from ppu_lab.steplog import DIVERGENCE_LOSS, StepLog, TrainResult, diverging
 from ppu_lab.trainconfig import DEFAULT_LR, TrainConfig
 
-__all__ = ["train", "TrainConfig", "TrainResult", "DEFAULT_LR", "DIVERGENCE_LOSS", "evaluate_accuracy"]
+__all__ = ["train", "TrainConfig", "TrainResult", "DEFAULT_LR", "DIVERGENCE_LOSS", "evaluate_accuracy",
+           "correct_per_image"]
 
 EVAL_CHUNK = 1000  # test images per forward pass (bounds the CNN's activation memory)
 
@@ -52,7 +53,8 @@ def train(model=None, data=None, config: TrainConfig | None = None, *, comm=None
     The settings are ``config`` (a ``TrainConfig``; default ``TrainConfig()``) with ``model`` and the
     keywords ``settings`` applied: ``hidden=50, activation="sigmoid", lam=5.0, lr=None,
     batch_size=100, batch_mode="global", epochs=1, design="allreduce", seed=0, max_steps=None,
-    threads="auto", evaluate=True``. For example ``train("ann", data, hidden=10, comm=comm)``.
+    threads="auto", evaluate=True, lr_scaling="none", base_batch=100, warmup_epochs=0``. For example
+    ``train("ann", data, hidden=10, comm=comm)``.
 
     Every rank of ``comm`` must call it with the same settings and the same ``data``
     (``(x_train, y_train, x_test, y_test)`` from ``ppu_lab.data.load_mnist``). Returns a
@@ -60,6 +62,8 @@ def train(model=None, data=None, config: TrainConfig | None = None, *, comm=None
     global batch and seed they do not depend on the number of ranks (up to rounding).
 
     lr: step on the per-sample mean objective (see module docstring); None picks ``DEFAULT_LR[model]``.
+    lr_scaling="linear": Goyal et al.'s linear scaling rule, lr * global batch / base_batch, reached by a
+        linear warm-up from lr over ``warmup_epochs`` epochs (``TrainConfig.learning_rate``).
     batch_mode: "global" (``batch_size`` samples per step, split over ranks) or "per_rank".
     threads: torch/BLAS threads per process; "auto" (default) means 1. Under MPI each rank owns one
         core: torch's default of one thread per core in every rank would run ranks x cores threads on
@@ -94,9 +98,9 @@ def _train(cfg: TrainConfig, data, comm, progress) -> TrainResult:
     m = build_model(cfg.model, hidden=cfg.hidden, activation=cfg.activation, seed=cfg.seed)
     x_tr, y_tr = m.prepare(data[0]), np.ascontiguousarray(data[1], dtype=np.int64)
     x_te, y_te = m.prepare(data[2]), np.ascontiguousarray(data[3], dtype=np.int64)
-    n, lr, global_batch = len(y_tr), cfg.step_size, cfg.global_batch(size)
+    n, global_batch = len(y_tr), cfg.global_batch(size)
     theta, grad, gsum = m.theta, m.grad, m.grad_view
-    decay = (1.0 - lr * cfg.lam / n * m.mask).astype(m.dtype)  # the L2 term folded into one multiply
+    lr, per_epoch = None, math.ceil(n / global_batch)
     step_buf = np.empty_like(theta)
     exchange, get_shard = _design(cfg.design, grad, x_tr, y_tr, comm, size, rank, global_batch)
 
@@ -112,6 +116,9 @@ def _train(cfg: TrainConfig, data, comm, progress) -> TrainResult:
                 exchange()  # grad now holds the batch's gradient sum and loss sum
                 t2 = time.perf_counter()
                 batch_loss = float(grad[-1])
+                if cfg.learning_rate(log.steps, global_batch, per_epoch) != lr:  # once, or each warm-up step
+                    lr = cfg.learning_rate(log.steps, global_batch, per_epoch)
+                    decay = (1.0 - lr * cfg.lam / n * m.mask).astype(m.dtype)  # the L2 term in one multiply
                 if diverging(batch_loss, len(idx)):
                     raise _diverged(batch_loss / len(idx), local_loss, epoch, log.steps + 1, size, rank, lr,
                                     len(idx))
@@ -122,7 +129,8 @@ def _train(cfg: TrainConfig, data, comm, progress) -> TrainResult:
             if not np.isfinite(theta).all():  # identical on every rank, so every rank raises
                 raise DivergenceError(f"training diverged in epoch {epoch}: non-finite parameters "
                                       f"(lr={lr:g}); lower lr and retrain.")
-            log.end_epoch(evaluate_accuracy(m, x_te, y_te, comm) if cfg.evaluate else float("nan"))
+            correct = correct_per_image(m, x_te, y_te, comm) if cfg.evaluate else None
+            log.end_epoch(float("nan") if correct is None else float(correct.mean()), correct=correct)
     return log.result(np.array(theta, copy=True), cfg.describe(size, n, len(y_te)))
 
 
@@ -227,19 +235,27 @@ def _scatter_shard(x, y, comm, size, rank, global_batch):
     return get
 
 
-def evaluate_accuracy(m, x_test, y_test, comm=None) -> float:
-    """Fraction of ``x_test`` classified correctly; under MPI each rank classifies a shard, counts summed."""
+def correct_per_image(m, x_test, y_test, comm=None) -> np.ndarray:
+    """Which test images ``m`` classifies correctly (bool, one per image, the same on every rank).
+
+    Under MPI each rank classifies a shard and one Allreduce of a zero-filled byte per image adds the
+    shards. Kept per image so that two runs can be compared on the same images (a paired test).
+    """
     rank, size = (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
     from ppu_lab.mpi import shard_bounds
 
     lo, hi = shard_bounds(len(y_test), size, rank)
-    correct = 0
+    correct = np.zeros(len(y_test), dtype=np.uint8)
     for a in range(lo, hi, EVAL_CHUNK):
         b = min(a + EVAL_CHUNK, hi)
-        correct += int((m.predict(x_test[a:b]) == y_test[a:b]).sum())
-    counts = np.array([correct], dtype=np.int64)
+        correct[a:b] = m.predict(x_test[a:b]) == y_test[a:b]
     if comm is not None:
         from mpi4py import MPI
 
-        comm.Allreduce(MPI.IN_PLACE, counts, op=MPI.SUM)
-    return float(counts[0]) / len(y_test)
+        comm.Allreduce(MPI.IN_PLACE, correct, op=MPI.SUM)
+    return correct.astype(bool)
+
+
+def evaluate_accuracy(m, x_test, y_test, comm=None) -> float:
+    """Fraction of ``x_test`` classified correctly; under MPI each rank classifies a shard."""
+    return float(correct_per_image(m, x_test, y_test, comm).mean())

@@ -4,6 +4,12 @@ experiment runner (notebooks 05-07).
 ``TrainConfig`` checks itself when it is made (a ``ValueError`` that names the setting and what
 to pass); ``check_data`` adds the checks that need the data and the number of ranks. Notebooks rarely
 make one by hand: ``train("ann", data, hidden=10, batch_size=50)`` builds it from its keywords.
+
+The learning rate of step t is ``TrainConfig.learning_rate(t, global_batch, steps_per_epoch)``: ``lr`` by
+default; with ``lr_scaling="linear"`` the *linear scaling rule* with *gradual warm-up* of Goyal et al.
+(2017, "Accurate, Large Minibatch SGD"): the peak rate is ``lr * global_batch / base_batch`` (``lr`` is
+tuned for ``base_batch`` samples per step), reached by a linear ramp from ``lr`` over the first
+``warmup_epochs`` epochs (notebook 07 tests the course's first conclusion with and without it).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import numpy as np
 from ppu_lab.checks import integer, optional_integer, real
 
 MODELS = ("ann", "cnn")
+LR_SCALINGS = ("none", "linear")
 BATCH_MODES = ("global", "per_rank")
 DESIGNS = ("allreduce", "scatter_allgather")
 # Learning rates (on J/N) used when ``lr`` is None: tuned for MNIST, batch 100, stable up to batch 512.
@@ -39,6 +46,9 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many steps in total
     threads: int | str | None = "auto"  # torch/BLAS threads per rank; "auto": 1; None: leave alone
     evaluate: bool = True  # test accuracy after each epoch
+    lr_scaling: str = "none"  # "linear": lr * global_batch / base_batch (Goyal et al. 2017)
+    base_batch: int = 100  # the global batch that lr is tuned for (DEFAULT_LR: batch 100)
+    warmup_epochs: float = 0.0  # linear ramp from lr to the scaled rate over these epochs
 
     def __post_init__(self):
         def choice(name, options):
@@ -48,6 +58,10 @@ class TrainConfig:
         choice("model", MODELS)
         choice("batch_mode", BATCH_MODES)
         choice("design", DESIGNS)
+        choice("lr_scaling", LR_SCALINGS)
+        warmup = real("warmup_epochs", self.warmup_epochs)
+        if not (np.isfinite(warmup) and warmup >= 0):
+            raise ValueError(f"warmup_epochs must be finite and >= 0; got {self.warmup_epochs}")
         lam = real("lam (the L2 weight)", self.lam)
         if not (np.isfinite(lam) and lam >= 0):
             raise ValueError(f"lam (the L2 weight) must be finite and >= 0; got {self.lam}")
@@ -57,7 +71,8 @@ class TrainConfig:
                  "batch_size": integer("batch_size", self.batch_size, 1),
                  "epochs": integer("epochs", self.epochs, 1),
                  "max_steps": optional_integer("max_steps", self.max_steps, 1),
-                 "seed": integer("seed", self.seed, 0),
+                 "seed": integer("seed", self.seed, 0), "warmup_epochs": warmup,
+                 "base_batch": integer("base_batch", self.base_batch, 1),
                  "threads": self.threads if self.threads in ("auto", None) else integer("threads", self.threads, 1)}
         for name, value in fixed.items():  # normalised (100.0 -> 100); frozen, hence object.__setattr__
             object.__setattr__(self, name, value)
@@ -74,6 +89,19 @@ class TrainConfig:
     def step_size(self) -> float:
         """``lr``, or the model's default learning rate when it is None."""
         return DEFAULT_LR[self.model] if self.lr is None else self.lr
+
+    def peak_lr(self, global_batch: int) -> float:
+        """The learning rate after warm-up: ``lr``, times ``global_batch / base_batch`` with linear scaling."""
+        scale = global_batch / self.base_batch if self.lr_scaling == "linear" else 1.0
+        return self.step_size * scale
+
+    def learning_rate(self, step: int, global_batch: int, steps_per_epoch: int) -> float:
+        """The learning rate of step ``step`` (0-based): a linear ramp from ``lr`` to ``peak_lr`` over
+        ``warmup_epochs`` epochs (Goyal et al.'s gradual warm-up), then ``peak_lr``."""
+        peak, ramp = self.peak_lr(global_batch), self.warmup_epochs * steps_per_epoch
+        if step >= ramp:
+            return peak
+        return self.step_size + (peak - self.step_size) * step / ramp
 
     @property
     def thread_count(self) -> int | None:
@@ -110,6 +138,8 @@ class TrainConfig:
         """The run as ``TrainResult.config`` records it: the settings used (``lr`` resolved), the shape."""
         ann = self.model == "ann"
         return {"model": self.model, "hidden": self.hidden if ann else None, "lam": self.lam, "lr": self.step_size,
+                "lr_scaling": self.lr_scaling, "base_batch": self.base_batch, "warmup_epochs": self.warmup_epochs,
+                "peak_lr": self.peak_lr(self.global_batch(ranks)),
                 "batch_size": self.batch_size, "batch_mode": self.batch_mode, "global_batch": self.global_batch(ranks),
                 "epochs": self.epochs, "design": self.design, "seed": self.seed, "ranks": ranks, "n_train": n_train,
                 "n_test": n_test, "activation": self.activation if ann else None, **extra}

@@ -93,6 +93,9 @@ def test_parameters_do_not_depend_on_the_number_of_ranks(ranks, mpirun, mnist_ro
             np.testing.assert_allclose(got[name], ref.params, rtol=0, atol=CNN_RTOL * scale, err_msg=name)
         np.testing.assert_allclose(got[name + "_acc"], [h["test_accuracy"] for h in ref.history],
                                    atol=1 / 300 + 1e-12, err_msg=name)  # at most one image classified differently
+        if name.startswith("ann"):  # the same SGD: the same loss at every step, the same images right
+            np.testing.assert_allclose(got[name + "_step_loss"], ref.step_loss, rtol=1e-9, err_msg=name)
+            np.testing.assert_array_equal(got[name + "_correct"], ref.test_correct, err_msg=name)
     assert int(got["ann_per_rank_global_batch"]) == 50 * ranks  # per-rank batch: the global batch grows
 
 
@@ -139,6 +142,9 @@ def test_history_and_summary_fields(mnist):
     (dict(lr=-1.0), "lr"),
     (dict(epochs=0), "epochs"),
     (dict(lam=-1.0), "lam"),
+    (dict(lr_scaling="sqrt"), "lr_scaling must be one of"),
+    (dict(warmup_epochs=-1), "warmup_epochs"),
+    (dict(base_batch=0), "base_batch"),
 ])
 def test_bad_arguments_raise_valueerror(mnist, kwargs, match):
     x, y = mnist[0][:200], mnist[1][:200]
@@ -198,3 +204,50 @@ def test_ddp_trains_the_same_model_batch_and_step(mpirun, mnist_root):
     proc = mpirun(2, "train_ddp.py", mnist_root, timeout=180)
     diff = float(proc.stdout.split("ddp max relative difference")[1].split()[0])
     assert diff <= CNN_RTOL, proc.stdout
+
+
+def test_linear_scaling_rule_with_gradual_warmup():
+    """Goyal et al. 2017: peak rate lr * global batch / base batch, reached by a linear ramp from lr."""
+    cfg = TrainConfig(lr=0.5, lr_scaling="linear", base_batch=100, warmup_epochs=2)
+    assert cfg.peak_lr(400) == 2.0 and cfg.peak_lr(50) == 0.25
+    rates = [cfg.learning_rate(t, 400, steps_per_epoch=10) for t in (0, 10, 19, 20, 100)]
+    assert rates == pytest.approx([0.5, 1.25, 0.5 + 1.5 * 19 / 20, 2.0, 2.0])
+    assert TrainConfig(lr=0.5, lr_scaling="linear").learning_rate(0, 400, 10) == 2.0  # no warm-up
+    fixed = TrainConfig(lr=0.5, warmup_epochs=2)  # no scaling: the ramp goes from lr to lr
+    assert {fixed.learning_rate(t, 400, 10) for t in range(30)} == {0.5}
+    per_rank = TrainConfig(lr=0.5, lr_scaling="linear", batch_size=100, batch_mode="per_rank")
+    assert per_rank.peak_lr(per_rank.global_batch(4)) == 2.0  # scaled by the global batch, 4 x 100
+
+
+def test_warmup_steps_are_sgd_with_the_scheduled_rate(mnist):
+    """Each step uses learning_rate(step): the trained parameters are those of the hand-written steps."""
+    from ppu_lab.ridge import minibatches
+
+    x, y = mnist[0][:600], mnist[1][:600]
+    cfg = TrainConfig(model="ann", hidden=10, lr=0.5, batch_size=200, lr_scaling="linear", warmup_epochs=1,
+                      max_steps=4, epochs=2)
+    res = train(data=(x, y, x[:50], y[:50]), config=cfg, progress=False)
+    m = AnnModel(10)
+    theta, X = m.theta.copy(), x.reshape(600, -1).astype(np.float64)
+    batches = minibatches(600, 200, 0, 1) + minibatches(600, 200, 0, 2)
+    for t, idx in enumerate(batches[:4]):
+        lr = cfg.learning_rate(t, 200, 3)  # 0.5, 0.5 + 0.5/3, 0.5 + 1/3, then 1.0
+        theta = theta - lr / 600 * combine(theta, ann_loss_grad(theta, X[idx], y[idx], 10)[1], 5.0, m.mask, 600, 200)
+    np.testing.assert_allclose(res.params, theta, rtol=0, atol=1e-12)
+    assert res.config["peak_lr"] == 1.0 and res.config["lr_scaling"] == "linear"
+
+
+def test_step_losses_and_per_image_results_are_recorded(mnist):
+    """step_loss: the mean loss of each step's batch (the epoch's train_loss is their batch-weighted mean);
+    test_correct: which test images the final parameters classify correctly."""
+    x, y = mnist[0][:450], mnist[1][:450]
+    xt, yt = mnist[2][:200], mnist[3][:200]
+    res = train("ann", (x, y, xt, yt), hidden=10, batch_size=100, epochs=2, progress=False)
+    assert len(res.step_loss) == 10  # 5 steps (4 x 100 + 50) per epoch
+    sizes = [100, 100, 100, 100, 50]
+    assert np.average(res.step_loss[:5], weights=sizes) == pytest.approx(res.history[0]["train_loss"], rel=1e-12)
+    assert np.average(res.step_loss[5:], weights=sizes) == pytest.approx(res.history[1]["train_loss"], rel=1e-12)
+    m = AnnModel(10)
+    m.theta[:] = res.params
+    np.testing.assert_array_equal(res.test_correct, m.predict(m.prepare(xt)) == yt)
+    assert res.test_correct.mean() == res.history[-1]["test_accuracy"]

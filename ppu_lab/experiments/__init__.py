@@ -37,26 +37,39 @@ Command line (``python -m ppu_lab.experiments --help``)::
 From a notebook: ``launch(n, ...)`` starts that command with ``mpiexec`` and streams its output
 (with a deadline); ``run_on_engines(cluster, ...)`` runs the same grid on running ipyparallel MPI engines.
 
-Modules: ``grid`` (``RunConfig``, ``expand_grid``), ``results`` (the file), ``runner`` (``run_grid``
-under MPI), ``analysis`` (selecting records, the course's table and conclusions), ``cli`` (the
-command line and ``launch``). Everything is importable from ``ppu_lab.experiments`` itself.
+Modules: ``grid`` (``RunConfig``, ``expand_grid``), ``plans`` (the notebooks' grids), ``results`` (the
+file), ``runner`` (``run_grid`` under MPI), ``analysis`` (selecting records, the course's table),
+``measures`` (differences and their noise, loss roughness, gradient noise), ``conclusions`` (the course's
+four conclusions tested), ``threshold`` (what more nodes bring per batch size, measured and modelled),
+``cli`` (the command line and ``launch``). Everything but ``plans`` and ``threshold`` is importable from
+``ppu_lab.experiments`` itself.
 """
 
-from ppu_lab.experiments.analysis import (COURSE_ITERATION_TIMES, check_conclusions, course_table, epoch_rows,
-                                          format_conclusions, format_course_table, format_table, group_by, select)
+from ppu_lab.experiments.analysis import (COURSE_ITERATION_TIMES, MODES, RunIndex, course_table, epoch_rows,
+                                          format_course_table, format_table, group_by, one_node_in_both_modes,
+                                          select)
 from ppu_lab.experiments.cli import LAUNCH_TIMEOUT, build_parser, grid_from_args, launch, main, run_command
+from ppu_lab.experiments.conclusions import (COURSE_CONCLUSIONS, VERDICTS, check_conclusions, format_conclusions,
+                                             verdict_table)
 from ppu_lab.experiments.grid import (BATCH_MODES, COURSE_BATCH_SIZES, DESIGNS, FULL_EPOCHS, MODELS, QUICK,
-                                      ExperimentInputError, RunConfig, default_ranks, expand_grid, parse_model)
-from ppu_lab.experiments.results import (SCHEMA, append_record, check_writable, default_out, load_results,
-                                         make_record, repair_results)
+                                      ExperimentInputError, RunConfig, default_ranks, expand_grid, merge_grids,
+                                      parse_model)
+from ppu_lab.experiments.measures import (FLOORS, accuracy_contrast, gradient_noise, roughness, same_training,
+                                          seed_effect, t975)
+from ppu_lab.experiments.results import (SCHEMA, append_record, check_writable, correct_vector, default_out,
+                                         load_results, make_record, pack_correct, repair_results)
 from ppu_lab.experiments.runner import machine_info, run_grid, run_on_engines
 
 __all__ = [
-    "COURSE_ITERATION_TIMES", "check_conclusions", "course_table", "epoch_rows", "format_conclusions",
-    "format_course_table", "format_table", "group_by", "select",
+    "COURSE_ITERATION_TIMES", "course_table", "epoch_rows", "format_course_table", "format_table", "group_by",
+    "select", "one_node_in_both_modes", "MODES", "RunIndex", "COURSE_CONCLUSIONS", "VERDICTS", "check_conclusions",
+    "format_conclusions",
+    "verdict_table",
+    "FLOORS", "accuracy_contrast", "gradient_noise", "roughness", "same_training", "seed_effect", "t975",
     "LAUNCH_TIMEOUT", "build_parser", "grid_from_args", "launch", "main", "run_command",
     "BATCH_MODES", "COURSE_BATCH_SIZES", "DESIGNS", "FULL_EPOCHS", "MODELS", "QUICK", "ExperimentInputError",
-    "RunConfig", "default_ranks", "expand_grid", "parse_model",
-    "SCHEMA", "append_record", "check_writable", "default_out", "load_results", "make_record", "repair_results",
+    "RunConfig", "default_ranks", "expand_grid", "merge_grids", "parse_model",
+    "SCHEMA", "append_record", "check_writable", "correct_vector", "default_out", "load_results", "make_record",
+    "pack_correct", "repair_results",
     "machine_info", "run_grid", "run_on_engines",
 ]

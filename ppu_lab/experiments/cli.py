@@ -13,9 +13,11 @@ from ppu_lab.config import quick_mode
 from ppu_lab.experiments.analysis import format_table
 from ppu_lab.experiments.grid import (COURSE_BATCH_SIZES, DESIGNS, FULL_EPOCHS, QUICK, ExperimentInputError, RunConfig,
                                       default_ranks, expand_grid)
+from ppu_lab.experiments.plans import PLANS, plan
 from ppu_lab.experiments.results import default_out, load_results
 from ppu_lab.experiments.runner import agree, run_grid
 from ppu_lab.mpi import world
+from ppu_lab.trainconfig import LR_SCALINGS
 
 __all__ = ["build_parser", "grid_from_args", "main", "run_command", "launch", "LAUNCH_TIMEOUT"]
 
@@ -76,8 +78,20 @@ def _grid_options(r) -> None:
     r.add_argument("--design", choices=DESIGNS, default="allreduce",
                    help="gradient exchange: one Allreduce of a flat buffer, or the course's Scatter+Allgather. "
                         "Default: allreduce")
-    r.add_argument("--seed", type=int, default=0,
-                   help="seed of the initial weights and the minibatch order. Default: 0")
+    r.add_argument("--seeds", "--seed", type=_csv(int), default=[0], dest="seeds",
+                   help="comma-separated seeds of the initial weights and the minibatch order; every run is "
+                        "repeated once per seed (the spread is the noise of a comparison). Default: 0")
+    r.add_argument("--lr-scaling", choices=LR_SCALINGS, default="none",
+                   help="'linear': the learning rate times global batch / --base-batch, reached by a linear "
+                        "warm-up over --warmup-epochs (Goyal et al. 2017). Default: none (a fixed rate)")
+    r.add_argument("--base-batch", type=int, default=100,
+                   help="the global batch the learning rate is tuned for (with --lr-scaling linear). Default: 100")
+    r.add_argument("--warmup-epochs", type=float, default=0.0,
+                   help="epochs of linear warm-up to the scaled learning rate. Default: 0")
+    r.add_argument("--plan", choices=sorted(PLANS), default=None,
+                   help="run a notebook's grid instead of the grid options above: 'ann' (notebook 05's course "
+                        "grid) or 'conclusions' (notebook 07's test of the course's conclusions); --quick "
+                        "chooses its quick version")
     r.add_argument("--train-samples", type=int, default=None,
                    help="use the first N training images (default: all; quick mode: %d)" % QUICK["train_samples"])
     r.add_argument("--test-samples", type=int, default=None,
@@ -104,13 +118,17 @@ def _run_options(r) -> None:
 
 def grid_from_args(args, world_size: int) -> list[RunConfig]:
     quick = args.quick or quick_mode()
+    if args.plan:
+        return plan(args.plan, quick)
 
     def choose(value, name, full):
         return value if value is not None else (QUICK[name] if quick else full)
 
     return expand_grid(
         args.models, args.ranks or default_ranks(world_size), args.batch_sizes, args.batch_mode,
-        epochs=choose(args.epochs, "epochs", FULL_EPOCHS), lr=args.lr, lam=args.lam, design=args.design, seed=args.seed,
+        epochs=choose(args.epochs, "epochs", FULL_EPOCHS), lr=args.lr, lam=args.lam, design=args.design,
+        seeds=args.seeds,
+        lr_scaling=args.lr_scaling, base_batch=args.base_batch, warmup_epochs=args.warmup_epochs,
         train_samples=choose(args.train_samples, "train_samples", None),
         test_samples=choose(args.test_samples, "test_samples", None),
         max_steps=args.max_steps, threads_per_rank=args.threads_per_rank)
@@ -145,8 +163,9 @@ def run_command(args) -> int:
 def _print_plan(grid, out) -> None:
     done = {r.get("key") for r in load_results(out)} if out.exists() else set()
     for cfg in grid:
+        lr = "" if cfg.lr_scaling == "none" else f", lr {cfg.lr_scaling}"
         print(f"{'done' if cfg.key() in done else 'todo'}  {cfg.label:7s} ranks={cfg.ranks} "
-              f"batch={cfg.batch_size} ({cfg.batch_mode}) global batch {cfg.global_batch}")
+              f"batch={cfg.batch_size} ({cfg.batch_mode}) global batch {cfg.global_batch}, seed {cfg.seed}{lr}")
 
 
 def launch(n: int, *args, timeout: float | None = LAUNCH_TIMEOUT, echo: bool = True) -> str:

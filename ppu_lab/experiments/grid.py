@@ -12,13 +12,16 @@ from dataclasses import dataclass
 from ppu_lab.checks import integer, optional_integer
 from ppu_lab.trainconfig import BATCH_MODES, DESIGNS, MODELS, TrainConfig
 
-__all__ = ["ExperimentInputError", "RunConfig", "parse_model", "default_ranks", "expand_grid", "MODELS",
+__all__ = ["ExperimentInputError", "RunConfig", "parse_model", "default_ranks", "expand_grid", "merge_grids", "MODELS",
            "BATCH_MODES", "DESIGNS", "COURSE_BATCH_SIZES", "QUICK", "FULL_EPOCHS"]
 
 COURSE_BATCH_SIZES = (50, 100, 150, 200)
 # Quick mode (tests, CI): a subsample and one epoch.
 QUICK = {"train_samples": 2000, "test_samples": 500, "epochs": 1}
 FULL_EPOCHS = 3
+
+
+_LATER_FIELDS = ("lr_scaling", "base_batch", "warmup_epochs")
 
 
 class ExperimentInputError(ValueError):
@@ -58,6 +61,10 @@ class RunConfig:
     test_samples: int | None = None
     max_steps: int | None = TrainConfig.max_steps
     threads_per_rank: int = 1
+    # Added later: in the key only when not at their defaults (keys of earlier results files still match)
+    lr_scaling: str = TrainConfig.lr_scaling
+    base_batch: int = TrainConfig.base_batch
+    warmup_epochs: float = TrainConfig.warmup_epochs
 
     def __post_init__(self):
         with _as_input_error():
@@ -78,14 +85,20 @@ class RunConfig:
     def key(self) -> str:
         """Canonical JSON of every field: equal configurations, equal keys (the same as earlier versions
         of the lab wrote, so that their results files resume)."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        fields = dataclasses.asdict(self)
+        for name in _LATER_FIELDS:
+            if fields[name] == getattr(TrainConfig, name):
+                del fields[name]
+        return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
     def train_config(self, **settings) -> TrainConfig:
         """The ``TrainConfig`` of this run (``settings`` override, e.g. ``evaluate=False``)."""
         hidden = {} if self.hidden is None else {"hidden": self.hidden}
+        later = {name: getattr(self, name) for name in _LATER_FIELDS}
         return TrainConfig(model=self.model, lam=self.lam, lr=self.lr, batch_size=self.batch_size,
                            batch_mode=self.batch_mode, epochs=self.epochs, design=self.design, seed=self.seed,
-                           max_steps=self.max_steps, threads=self.threads_per_rank, **hidden).replace(**settings)
+                           max_steps=self.max_steps, threads=self.threads_per_rank, **hidden,
+                           **later).replace(**settings)
 
 
 def parse_model(spec: str) -> tuple[str, int | None]:
@@ -110,9 +123,10 @@ def default_ranks(world_size: int) -> list[int]:
     return ranks if ranks[-1] == world_size else ranks + [world_size]
 
 
-def expand_grid(models, ranks, batch_sizes, batch_modes=("global",), **fixed) -> list[RunConfig]:
-    """All runs of the grid, ordered by rank count, then model, batch mode and batch size.
+def expand_grid(models, ranks, batch_sizes, batch_modes=("global",), seeds=None, **fixed) -> list[RunConfig]:
+    """All runs of the grid, ordered by rank count, then model, batch mode, batch size and seed.
 
+    ``seeds`` (a list) repeats every run once per seed (None: the one ``seed`` of ``fixed``, default 0).
     ``fixed`` holds the other ``RunConfig`` fields (``epochs``, ``lr``, ...). Raises
     ``ExperimentInputError`` for an unknown model or batch mode, a bad setting, or a global batch
     smaller than the number of ranks (some rank would get no sample) or larger than ``train_samples``.
@@ -127,13 +141,14 @@ def expand_grid(models, ranks, batch_sizes, batch_modes=("global",), **fixed) ->
     unknown = set(fixed) - {f.name for f in dataclasses.fields(RunConfig)}
     if unknown:
         raise ExperimentInputError(f"unknown run settings {sorted(unknown)}")
+    seeds = _seeds(seeds, fixed)
     grid = []
-    for p, (model, hidden), mode, b in itertools.product(ranks, models, batch_modes, batch_sizes):
+    for p, (model, hidden), mode, b, seed in itertools.product(ranks, models, batch_modes, batch_sizes, seeds):
         if mode == "global" and b < p:
             raise ExperimentInputError(
                 f"batch size {b} < {p} ranks with batch_mode='global': each rank would get no sample. "
                 f"Use batch sizes >= {p} or batch_mode='per_rank'")
-        cfg = RunConfig(model, hidden, p, b, mode, **fixed)
+        cfg = RunConfig(model, hidden, p, b, mode, seed=seed, **fixed)
         n = cfg.train_samples
         if n is not None and cfg.global_batch > n:
             raise ExperimentInputError(
@@ -141,3 +156,22 @@ def expand_grid(models, ranks, batch_sizes, batch_modes=("global",), **fixed) ->
                 f"train_samples={n}: use more samples or a smaller batch")
         grid.append(cfg)
     return grid
+
+
+def _seeds(seeds, fixed) -> list[int]:
+    """The seeds of a grid: ``seeds``, or ``[fixed.pop("seed")]`` (default 0); checked."""
+    if seeds is None:
+        return [fixed.pop("seed", RunConfig.seed)]
+    if "seed" in fixed:
+        raise ExperimentInputError("give either seeds (a list) or seed, not both")
+    with _as_input_error():
+        seeds = [integer("seeds", s, 0) for s in seeds]
+    if not seeds:
+        raise ExperimentInputError("seeds: give at least one seed")
+    return seeds
+
+
+def merge_grids(*grids) -> list[RunConfig]:
+    """The runs of several grids, each once (by key), in rank order (what ``run_grid`` needs)."""
+    runs = {c.key(): c for grid in grids for c in grid}
+    return sorted(runs.values(), key=lambda c: c.ranks)

@@ -3,6 +3,7 @@ the run in progress (see the package docstring for the record's fields)."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import math
@@ -16,9 +17,11 @@ import numpy as np
 from ppu_lab.experiments.grid import ExperimentInputError, RunConfig
 
 __all__ = ["SCHEMA", "load_results", "repair_results", "append_record", "check_writable", "default_out",
-           "make_record"]
+           "make_record", "pack_correct", "correct_vector"]
 
-SCHEMA = 1
+# 2: ``step_loss`` (per step) and ``test_correct`` (per test image) added; ``lr_scaling``, ``base_batch``,
+# ``warmup_epochs`` and ``peak_lr`` (the learning-rate rule). Records of schema 1 lack them.
+SCHEMA = 2
 
 
 def _scan(path: Path):
@@ -146,7 +149,23 @@ def make_record(cfg: RunConfig, res, machine: dict, wall_time: float, n_train: i
         "steps_per_epoch": math.ceil(n_train / cfg.global_batch),
         "final_accuracy": float(summary["final_accuracy"]),
         "final_train_loss": float(history[-1]["train_loss"]) if history else float("nan"),
+        "step_loss": [float(f"{v:.6g}") for v in res.step_loss], "peak_lr": res.config.get("peak_lr"),
+        "test_correct": None if res.test_correct is None else pack_correct(res.test_correct),
         "history": history, "summary": summary, "wall_time": wall_time, "machine": machine,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     return rec
+
+
+def pack_correct(correct) -> str:
+    """A boolean vector (which test images a run got right) as compact text: base64 of its bits."""
+    return base64.b64encode(np.packbits(np.asarray(correct, dtype=bool)).tobytes()).decode("ascii")
+
+
+def correct_vector(record) -> np.ndarray | None:
+    """The per-image correctness of a record (bool, ``n_test`` long), or None when it was not kept."""
+    packed = record.get("test_correct")
+    if packed is None:
+        return None
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(packed), dtype=np.uint8))
+    return bits[:int(record["n_test"])].astype(bool)

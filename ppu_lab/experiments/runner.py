@@ -120,8 +120,10 @@ def run_grid(grid, out, *, comm=None, data=None, data_root=None, train_fn=None, 
     def finished(rec):  # rank 0, after every rank of the run is done
         append_record(out, rec)
         written.append(rec)
+        lr = "" if rec.get("lr_scaling", "none") == "none" else f" lr x{rec['peak_lr'] / rec['lr']:g}"
         log(f"[{len(written)}/{len(todo)}] {rec['label']:7s} ranks={rec['ranks']} batch={rec['batch_size']:<4d} "
-            f"({rec['batch_mode']}) {rec['epoch_time']:.3g} s/epoch, {rec['median_step_time'] * 1e3:.3g} ms/step, "
+            f"({rec['batch_mode']}) seed {rec['seed']}{lr}: {rec['epoch_time']:.3g} s/epoch, "
+            f"{rec['median_step_time'] * 1e3:.3g} ms/step, "
             f"comm {100 * rec['comm_fraction']:.0f}%, acc {rec['final_accuracy']:.3f}")
 
     for p, cfgs in itertools.groupby(todo, key=lambda c: c.ranks):

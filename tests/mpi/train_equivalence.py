@@ -3,8 +3,8 @@
 Usage: mpiexec -n N python tests/mpi/train_equivalence.py MNIST_ROOT OUT.npz
 
 Runs (names in OUT.npz): ANN and CNN with the Allreduce design (global batch), the ANN with the
-Scatter+Allgather design, and the ANN with a per-rank batch. Also asserts that every rank ends with
-bit-identical parameters and history. tests/test_train.py compares the files with serial training.
+Scatter+Allgather design, and the ANN with a per-rank batch, with their per-step losses and per-image
+test results. Also asserts that every rank ends with bit-identical parameters, history and per-image results. tests/test_train.py compares the files with serial training.
 """
 
 import sys
@@ -37,10 +37,14 @@ def main():
         # every rank must hold exactly the same parameters and accuracies
         allp = comm.gather(res.params, root=0)
         accs = comm.gather([h["test_accuracy"] for h in res.history], root=0)
+        correct = comm.gather(res.test_correct, root=0)
         if rank == 0:
             assert all(np.array_equal(p, allp[0]) for p in allp), f"{name}: ranks differ"
             assert all(a == accs[0] for a in accs), f"{name}: accuracies differ across ranks {accs}"
+            assert all(np.array_equal(c, correct[0]) for c in correct), f"{name}: per-image results differ"
             saved[name] = res.params
+            saved[name + "_step_loss"] = np.array(res.step_loss)
+            saved[name + "_correct"] = res.test_correct
             saved[name + "_acc"] = np.array(accs[0])
             saved[name + "_global_batch"] = np.array(res.summary()["global_batch"])
     if rank == 0:
