@@ -202,11 +202,12 @@ class AnnModel:
         return np.ascontiguousarray(np.asarray(x, dtype=np.float64).reshape(len(x), -1))
 
     def loss_grad(self, X, y):
-        """Summed loss of a shard; its gradient sum lands in ``self.grad_view``."""
+        """Summed loss of a shard (also in the buffer's last slot); its gradient sum lands in ``self.grad_view``."""
         if len(y) == 0:
-            self.grad_view[:] = 0.0
+            self.grad[:] = 0.0
             return 0.0
         loss, _ = ann_loss_grad(self.theta, X, y, self.hidden, self.activation, out=self.grad_view)
+        self.grad[-1] = loss
         return loss
 
     def predict(self, X):

@@ -6,7 +6,8 @@
 - ``check_all(ok, message, comm)``   collective check: raise ``RankError`` on every rank if any failed;
   ``check_everywhere(fn, comm)`` runs ``fn`` on every rank and raises its error on all of them
 - ``allreduce_sum(buf, comm)``       in-place ``Allreduce(SUM)`` on a contiguous NumPy buffer
-- ``sleeping_barrier(comm, timeout)`` a barrier that sleeps instead of spinning, with a deadline
+- ``sleeping_barrier(comm, timeout)`` a barrier that sleeps instead of spinning, with a deadline;
+  ``wait_for(request, timeout, message)`` the same for any non-blocking request
 - ``first_ranks(p, comm)``           context: a communicator of the first ``p`` ranks
 - ``mpi_dtype(array)``               the MPI datatype of a NumPy array (``mpi4py.util.dtlib``)
 - ``mpi_main(fn)``, ``abort_job``    for scripts under ``mpiexec``: an uncaught exception on one rank
@@ -160,15 +161,26 @@ def sleeping_barrier(comm=None, timeout: float | None = BARRIER_TIMEOUT, poll: f
     learns from its own logs; the message says what to do.
     """
     comm = world(comm)
-    request = comm.Ibarrier()
+    wait_for(comm.Ibarrier(), timeout, lambda: (
+        f"rank {comm.Get_rank()} waited {timeout:.0f} s at a barrier for the other "
+        f"{comm.Get_size() - 1} rank(s): one of them is stuck or far slower. Look at the other "
+        "ranks' output; pass a larger timeout= if their work really takes that long."), poll=poll)
+
+
+def wait_for(request, timeout: float | None, message, *, status=None, poll: float = 0.02) -> None:
+    """Wait for a non-blocking MPI ``request`` (``Irecv``, ``Isend``, ``Ibarrier``, ...) with a deadline.
+
+    Tests it, then sleeps between tests (0.1 ms at first, doubling up to ``poll`` seconds), so a
+    waiting rank leaves its core to the ranks that work. ``status``: an ``MPI.Status`` to fill
+    (e.g. the source of an ``Irecv`` from ``ANY_SOURCE``). Raises ``TimeoutError(message())``
+    (``message``: a function returning the text, so it costs nothing until needed) after
+    ``timeout`` seconds (``None``: no deadline).
+    """
     deadline = None if timeout is None else time.monotonic() + float(timeout)
     delay = min(1e-4, poll)
-    while not request.Test():
+    while not request.Test(status):
         if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(
-                f"rank {comm.Get_rank()} waited {timeout:.0f} s at a barrier for the other "
-                f"{comm.Get_size() - 1} rank(s): one of them is stuck or far slower. Look at the other "
-                "ranks' output; pass a larger timeout= if their work really takes that long.")
+            raise TimeoutError(message())
         time.sleep(delay)
         delay = min(delay * 2, poll)
 
