@@ -152,3 +152,32 @@ def test_designs_exact_under_mpiexec(mpirun, mnist_root, n):
     synchronous baseline; the asynchronous server reaches the closed form (tests/mpi/designs_exact.py)."""
     proc = mpirun(n, "designs_exact.py", mnist_root, timeout=300)
     assert f"designs exact on {n} ranks" in proc.stdout
+
+
+# --------------------------------------------------------------------------- the cost model of the closing table
+def test_predictions_add_the_cost_models_communication_to_the_step_model():
+    from ppu_lab.designs.compare import design_cost, predict
+    from ppu_lab.perfmodel import StepModel, cluster
+
+    net = cluster(10, 25e-6)
+    kw = dict(per_row=2e-4, serial=1e-3, batch=100, n_params=CNN_NUM_PARAMS)
+    one = predict("allreduce", 1, net, **kw)
+    assert one["comm"] == 0 and one["total"] == pytest.approx(2e-4 * 100 + 1e-3)
+    p64 = predict("allreduce", 64, net, **kw)
+    compute = StepModel(2e-4, 1e-3, 100).parts(64, net)
+    allreduce = float(net.allreduce(4 * (CNN_NUM_PARAMS + 1), 64))
+    assert p64["total"] == pytest.approx(float(compute["compute"] + compute["serial"]) + allreduce)
+    assert predict("local_sgd", 64, net, period=4, **kw)["comm"] == pytest.approx(
+        float(net.allreduce(4 * CNN_NUM_PARAMS, 64)) / 4)
+    saved = allreduce - predict("float16", 64, net, **kw)["comm"]                # half the bytes, same latency
+    assert saved == pytest.approx(0.5 * net.beta * float(costmodel.allreduce(4 * CNN_NUM_PARAMS, 64).nbytes), rel=1e-3)
+    assert predict("overlap", 64, net, **kw)["comm"] == pytest.approx(
+        max(0.0, allreduce - 2 / 3 * float(compute["compute"])))
+    sync_ps, async_ps = predict("ps_sync", 64, net, **kw), predict("ps_async", 64, net, **kw)
+    assert sync_ps["compute"] == pytest.approx(p64["compute"])                  # 64 workers, and a server
+    assert sync_ps["comm"] > 2 * 64 * float(net.send(4 * CNN_NUM_PARAMS))       # it serves 64 workers in turn
+    # asynchronous: workers and server overlap, but the server applies every worker's gradient separately
+    assert async_ps["total"] == pytest.approx(max(async_ps["compute"], async_ps["comm"] + 64 * 1e-3))
+    k = round(0.01 * CNN_NUM_PARAMS)
+    assert float(design_cost("topk", 64, CNN_NUM_PARAMS, ratio=0.01).nbytes) == 63 * 8 * k   # grows with p
+    assert predict("ps_sync", 1, net, **kw)["comm"] > 0                        # one worker still talks to the server

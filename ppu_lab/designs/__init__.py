@@ -8,6 +8,7 @@
 - ``overlap.Overlapped``          bucketed ``Iallreduce`` started from backward hooks (what DDP does inside)
 - ``compare``                     all of them on one model: time per step, bytes, time to a target accuracy,
                                   the cost model's prediction for a cluster
+- ``figures``                     the figures of notebook 08 (each takes and returns a matplotlib Axes)
 
 Every design runs on an *objective* (``objective.RidgeObjective``, ``objective.ModelObjective``: the
 ridge problem, the ANN, the CNN) whose kernels do not communicate; the designs hold the
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 from ppu_lab.designs.objective import ModelObjective, RidgeObjective, make_objective
 from ppu_lab.designs.runner import DesignResult, run_synchronous
-from ppu_lab.timing import no_timer
+from ppu_lab.timing import Timer, no_timer
 
 #: name -> (label, what it is); the options each takes are those of its class or function.
 DESIGNS = {
@@ -56,6 +57,7 @@ def run(design: str, obj, comm, *, batch_size: int, steps: int, seed: int = 0, e
 
     if design not in DESIGNS:
         raise ValueError(f"design must be one of {list(DESIGNS)}; got {design!r}")
+    timer = Timer() if timer is no_timer else timer      # the parts of a step, for the cost model
     kw = dict(batch_size=batch_size, steps=steps, seed=seed, eval_every=eval_every, timer=timer)
     if design == "ps_sync":
         res = paramserver.sync_parameter_server(obj, comm, **kw, **options)
@@ -71,6 +73,9 @@ def run(design: str, obj, comm, *, batch_size: int, steps: int, seed: int = 0, e
         finally:
             getattr(step, "close", lambda: None)()
     res.design = label(design, **{k: v for k, v in options.items() if k != "timeout"})
+    parts = {name: sum(laps) / max(steps, 1) for name, laps in timer.laps.items()}
+    res.extra["parts"] = comm.bcast(parts, root=0)      # rank 0's seconds per step by span name
+    res.extra["buckets"] = len(step.plan) if design == "overlap" else 1
     return res
 
 

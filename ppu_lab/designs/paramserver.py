@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+from ppu_lab.costmodel import reduce_local
 from ppu_lab.designs.runner import DesignResult, History, Traffic, busiest, global_batches
 from ppu_lab.mpi import shard_bounds, wait_for
 from ppu_lab.timing import no_timer
@@ -99,6 +100,7 @@ def sync_parameter_server(obj, comm, *, batch_size: int, steps: int, seed: int =
             with timer("update"):
                 total = gbufs.sum(axis=0) if W > 1 else gbufs[0]      # worker order: deterministic
                 obj.apply(total[:-1], len(idx))
+            traffic.collective(reduce_local(gbufs[0].nbytes, W))
             times.append(time.perf_counter() - t0)
             log.seconds, log.steps_done = log.seconds + times[-1], step + 1
             if (step + 1) % eval_every == 0 or step + 1 == steps:

@@ -11,7 +11,9 @@ Ridge problem (float64), against serial ridge.sgd with the same global minibatch
 CNN (float32), 5 steps on 300 images, against the Allreduce baseline (itself against train()):
 - overlapped Allreduce (bucketed Iallreduce from backward hooks), local SGD H = 1, top-k k = all and
   the synchronous parameter server agree to CNN_RTOL of the largest parameter; the overlapped
-  gradient after one step equals the blocking one to float32 rounding.
+  gradient after one step equals the blocking one to float32 rounding;
+- what each design counted while it ran (messages, bytes, bytes reduced per step) is what
+  designs.compare.design_cost, the cost model of the closing table, says it sends.
 """
 
 import sys
@@ -21,6 +23,8 @@ import numpy as np
 from ppu_lab import designs, ridge
 from ppu_lab.config import limit_threads
 from ppu_lab.data import load_mnist, make_ridge_data
+from ppu_lab.designs.compare import design_cost
+from ppu_lab.models import CNN_NUM_PARAMS
 from ppu_lab.mpi import mpi_main, world
 from ppu_lab.train import train
 
@@ -51,11 +55,14 @@ def ridge_checks(comm, W):
 
 def cnn_checks(comm, data):
     kw = dict(batch_size=60, steps=5, eval_every=5)
-    params, grads = {}, {}
+    params, grads, costs = {}, {}, {}
     for name, opts in (("allreduce", {}), ("overlap", {}), ("local_sgd", {"period": 1}), ("topk", {"ratio": 1.0}),
-                       ("ps_sync", {})):
+                       ("ps_sync", {}), ("float16", {}), ("topk", {"ratio": 0.01}), ("local_sgd", {"period": 5})):
         obj = designs.make_objective("cnn", data, max_rows=60)
-        params[name] = designs.run(name, obj, comm, **kw, **opts).params
+        res = designs.run(name, obj, comm, **kw, **opts)
+        params.setdefault(name, res.params)
+        model = design_cost(name, comm.Get_size(), CNN_NUM_PARAMS, 4, buckets=res.extra["buckets"], **opts)
+        costs[res.design] = (res.cost_per_step, model)
     for name in ("allreduce", "overlap"):                # one step's summed gradient, same weights
         obj = designs.make_objective("cnn", data, max_rows=60)
         from ppu_lab.designs import overlap, sync
@@ -64,7 +71,7 @@ def cnn_checks(comm, data):
         step(np.arange(60), 0)
         grads[name] = obj.grad.copy()
     ref = train("cnn", data, batch_size=60, max_steps=5, evaluate=False, comm=comm, progress=False).params
-    return params, grads, ref
+    return params, grads, ref, costs
 
 
 def main():
@@ -74,7 +81,7 @@ def main():
     r = ridge_checks(comm, size - 1)
     x, y, xt, yt = load_mnist(sys.argv[1], download=False)
     with limit_threads(1, import_torch=True):
-        params, grads, ref = cnn_checks(comm, (x[:300], y[:300], xt[:200], yt[:200]))
+        params, grads, ref, costs = cnn_checks(comm, (x[:300], y[:300], xt[:200], yt[:200]))
     if comm.Get_rank() != 0:
         return
     for (name, B), err in r.items():
@@ -91,6 +98,9 @@ def main():
     for name in ("overlap", "local_sgd", "topk", "ps_sync"):
         diff = np.abs(params[name] - params["allreduce"]).max() / scale
         assert diff <= CNN_RTOL, (name, diff)
+    for name, (counted, model) in costs.items():          # the cost model counts what the code sends
+        for field in ("messages", "nbytes", "reduced"):
+            assert np.isclose(float(getattr(counted, field)), float(getattr(model, field))), (name, field, counted, model)
     g, g_ref = grads["overlap"], grads["allreduce"]
     assert np.abs(g - g_ref).max() <= 1e-5 * np.abs(g_ref).max(), np.abs(g - g_ref).max()
     worst = max(err for (name, _), err in r.items() if name != "async")
