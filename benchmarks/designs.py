@@ -12,7 +12,7 @@ the test accuracy every ``--eval-every`` steps (the clock stops meanwhile). The 
 ``--repeats`` times in rotated order, so that a change in the machine's load hits every design alike;
 times are medians over the repeats.
 
-Printed per rank count: ms per step (median, rank 0), kB sent per step by the busiest rank (as the
+Printed per rank count: ms per step (mean over the steps on rank 0, median over repeats), kB sent per step by the busiest rank (as the
 cost model counts what the design sends), training seconds and steps to ``--target`` accuracy, the
 final accuracy, and the cost model's ms per step on p ranks of this machine (alpha-beta fitted by a
 ping-pong at the start) and on 64 ranks of a 10 Gb/s cluster (``perfmodel.cluster``), the computation
@@ -102,7 +102,7 @@ def report(out, target) -> str:
                       f"this machine's ping-pong fit: {res['here']}",
                   format_table(res["rows"], target, {f"model {p} here": res["predicted"]["here"],
                                                      "model 64 @10 Gb/s": res["predicted"]["64 ranks, 10 Gb/s"]})]
-    lines += ["", "ms/step: median over steps (rank 0) and repeats; kB/step: sent by the busiest rank, per step; "
+    lines += ["", "ms/step: mean over steps (rank 0), median over repeats; kB/step: sent by the busiest rank, per step; "
                   f"t→, steps→: training time (evaluation excluded) and steps to {target:.0%} test accuracy; "
                   "final: test accuracy after the last step; model columns: the cost model's ms per step."]
     return "\n".join(lines)

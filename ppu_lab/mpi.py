@@ -8,7 +8,8 @@
 - ``allreduce_sum(buf, comm)``       in-place ``Allreduce(SUM)`` on a contiguous NumPy buffer
 - ``sleeping_barrier(comm, timeout)`` a barrier that sleeps instead of spinning, with a deadline;
   ``wait_for(request, timeout, message)`` the same for any non-blocking request
-- ``first_ranks(p, comm)``           context: a communicator of the first ``p`` ranks
+- ``first_ranks(p, comm)``           context: a communicator of the first ``p`` ranks;
+  ``on_first_ranks(p, comm, fn)`` runs ``fn`` there and brings its result (or its error) to every rank
 - ``mpi_dtype(array)``               the MPI datatype of a NumPy array (``mpi4py.util.dtlib``)
 - ``mpi_main(fn)``, ``abort_job``    for scripts under ``mpiexec``: an uncaught exception on one rank
   reports and ends the whole job instead of leaving the other ranks waiting
@@ -204,6 +205,27 @@ def first_ranks(p: int, comm=None):
     finally:
         if sub != MPI.COMM_NULL:
             sub.Free()
+
+
+def on_first_ranks(p: int, comm, fn):
+    """``fn(sub)`` on a communicator of the first ``p`` ranks of ``comm``; its value from rank 0 on every rank.
+
+    Collective over ``comm``. The other ranks wait without spinning (``sleeping_barrier``). An
+    exception that ``fn`` raises on the ranks that run it (the same on all of them, e.g. bad input
+    checked with ``check_everywhere`` before any communication, or a divergence every rank sees) is
+    raised on every rank of ``comm`` as a ``RankError`` with its message, instead of leaving the
+    waiting ranks waiting. Notebooks 04, 06 and 08 trace and compare runs on fewer ranks than engines.
+    """
+    out, error = None, None
+    with first_ranks(p, comm) as sub:
+        if sub is not None:
+            try:
+                out = fn(sub)
+            except Exception as exc:  # noqa: BLE001 - reported on every rank below
+                error = str(exc) if isinstance(exc, RankError) else f"{type(exc).__name__}: {exc}"
+    sleeping_barrier(comm)
+    check_all(error is None, error, comm)
+    return world(comm).bcast(out, root=0)
 
 
 # --------------------------------------------------------------------------- ending a job

@@ -50,20 +50,22 @@ class Tracer(Timer):
 
     comm: the communicator of the traced collectives (the one passed to the step function).
     wait_before: span names preceded, in tracing mode, by a timed ``Barrier`` (the ``"wait"`` span).
-    step_end: the span name that ends a step (the step functions end with ``"update"``).
+    step_end: the span names that end a step (the step functions end with ``"update"``; a parameter
+        server's workers with ``"pull"``).
     straggle: seconds this rank sleeps at the end of each ``"compute"`` span (a planted straggler).
     clock: seconds as a float (default ``MPI.Wtime``); tests pass a shifted clock.
 
     Its ``laps`` are those of a ``Timer``, with ``"wait"`` split out of ``"comm"``.
     """
 
-    def __init__(self, comm=None, *, wait_before=("comm",), step_end: str = "update", straggle: float = 0.0,
+    def __init__(self, comm=None, *, wait_before=("comm",), step_end=("update", "pull"), straggle: float = 0.0,
                  clock=None):
         super().__init__()
         from mpi4py import MPI
 
         self.comm = world(comm)
-        self.wait_before, self.step_end, self.straggle = tuple(wait_before), step_end, float(straggle)
+        self.wait_before, self.straggle = tuple(wait_before), float(straggle)
+        self.step_end = (step_end,) if isinstance(step_end, str) else tuple(step_end)
         self.clock = clock or MPI.Wtime
         self.names: list[str] = []
         self.spans: list[tuple[int, int, float, float]] = []  # (step, name code, start, end), local clock
@@ -89,7 +91,7 @@ class Tracer(Timer):
             if self.straggle and name == "compute":
                 time.sleep(self.straggle)
             self._record(name, start, clock())
-            if name == self.step_end:
+            if name in self.step_end:
                 self.step += 1
 
     def gather(self, root: int = 0) -> Timeline | None:
@@ -195,10 +197,18 @@ class Timeline:
         return {nm: np.array([dur[keep & (self.rank == r) & (self.name == nm)].sum() / n_steps
                               for r in range(self.size)]) for nm in self.names}
 
-    def window(self, first: int, last: int) -> Timeline:
-        """The spans of steps ``first`` .. ``last`` (inclusive), re-zeroed at the first of them."""
-        keep = (self.step >= first) & (self.step <= last)
-        t0 = self.start[keep].min() if keep.any() else 0.0
+    def window(self, first: int, last: int, rank: int = 0) -> Timeline:
+        """Every rank's spans while ``rank`` ran its steps ``first`` .. ``last`` (inclusive), re-zeroed there.
+
+        A time window, so that ranks whose steps are counted differently (a parameter server's
+        server and workers) are cut at the same moment.
+        """
+        mine = (self.rank == rank) & (self.step >= first) & (self.step <= last)
+        if not mine.any():
+            raise ValueError(f"rank {rank} has no spans in steps {first}..{last} (it has steps "
+                             f"{self.step[self.rank == rank].min(initial=0)}..{self.step[self.rank == rank].max(initial=0)})")
+        t0, t1 = self.start[mine].min(), self.end[mine].max()
+        keep = (self.end > t0) & (self.start < t1)
         return Timeline(self.rank[keep], self.step[keep], self.name[keep], self.start[keep] - t0,
                         self.end[keep] - t0, self.offsets, self.size)
 

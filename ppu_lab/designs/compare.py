@@ -31,7 +31,7 @@ import numpy as np
 
 from ppu_lab import costmodel
 from ppu_lab.costmodel import Cost
-from ppu_lab.mpi import first_ranks, sleeping_barrier, world
+from ppu_lab.mpi import check_everywhere, on_first_ranks, world
 
 #: Share of a step's computation that is backward (forward : backward is about 1 : 2 for a CNN).
 BACKWARD_SHARE = 2 / 3
@@ -93,6 +93,11 @@ def predict(design: str, p: int, net, *, per_row: float, serial: float, batch: i
     return {"compute": compute, "comm": comm, "total": compute + comm}
 
 
+def _ranks(design: str, workers: int, comm) -> int:
+    """Ranks a design runs on: ``workers``, and one more (the server) for a parameter server if there is one."""
+    return min(workers + 1, comm.Get_size()) if design.startswith("ps_") else workers
+
+
 def compare(specs, build, comm=None, *, workers: int | None = None, repeats: int = 1, **run_kw) -> list:
     """Run each ``(design, options)`` of ``specs`` on objectives from ``build()``; collective over ``comm``.
 
@@ -108,24 +113,39 @@ def compare(specs, build, comm=None, *, workers: int | None = None, repeats: int
     workers = comm.Get_size() if workers is None else int(workers)
     rounds = []
     for r in range(repeats):
-        order = [(i + r) % len(specs) for i in range(len(specs))]
         results = [None] * len(specs)
-        for i in order:
+        for i in [(i + r) % len(specs) for i in range(len(specs))]:
             design, options = specs[i]
-            ranks = min(workers + 1, comm.Get_size()) if design.startswith("ps_") else workers
-            res = None
-            with first_ranks(ranks, comm) as sub:
-                if sub is not None:
-                    res = run(design, build(), sub, **run_kw, **options)
-            sleeping_barrier(comm)              # the ranks left out wait here without spinning
-            results[i] = comm.bcast(res, root=0)
+            results[i] = on_first_ranks(_ranks(design, workers, comm), comm, lambda sub: run(
+                design, check_everywhere(build, sub), sub, **run_kw, **options))
         rounds.append(results)
     return rounds
 
 
+def traced(design: str, build, comm=None, *, workers: int | None = None, straggle: dict | None = None,
+           **run_kw):
+    """``(DesignResult, Timeline)`` of one run of ``design`` with a ``timeline.Tracer`` on every rank.
+
+    Ranks as in ``compare``; ``straggle``: ``{rank: seconds}`` to sleep per compute span (a planted
+    straggler). Collective over ``comm``; both results on every rank.
+    """
+    from ppu_lab.designs import run
+    from ppu_lab.timeline import Tracer
+
+    comm = world(comm)
+    workers = comm.Get_size() if workers is None else int(workers)
+
+    def go(sub):
+        obj = check_everywhere(build, sub)
+        tracer = Tracer(sub, straggle=(straggle or {}).get(sub.Get_rank(), 0.0))
+        return run(design, obj, sub, timer=tracer, **run_kw), tracer.gather()
+
+    return on_first_ranks(_ranks(design, workers, comm), comm, go)
+
+
 def table(rounds, target: float) -> list[dict]:
-    """One row per design: medians over the repeats of ms per step, time to ``target`` and final score;
-    kB per step as counted by the design while it ran."""
+    """One row per design: medians over the repeats of ms per step (each a mean over the steps), time to
+    ``target`` and final score; kB per step as counted by the design while it ran."""
     rows = []
     for i, first in enumerate(rounds[0]):
         runs = [rnd[i] for rnd in rounds]

@@ -16,7 +16,7 @@ def accuracy_curves(results, ax=None, x: str = "seconds", target: float | None =
     one line per ``DesignResult``; the target as a dashed line."""
     ax = _ax(ax)
     for k, res in enumerate(results):
-        ax.plot(res.history[x], res.history["score"], "o-" if len(res.history[x]) < 30 else "-", ms=3,
+        ax.plot(res.history[x], res.history["score"], marker="o" if len(res.history[x]) < 30 else None, ms=3,
                 label=res.design, color=f"C{k % 10}", ls="-" if k < 10 else "--")
     if target is not None:
         ax.axhline(target, color="k", ls=":", lw=1, label=f"target {target:g}")

@@ -57,6 +57,24 @@ def bucket_plan(sizes, itemsize: int, bucket_bytes: int = BUCKET_BYTES, extra: i
     return buckets
 
 
+#: Parameters of ``wide_mlp()`` (hidden = 1024): 784*1024 + 1024 + 1024*1024 + 1024 + 1024*10 + 10.
+WIDE_MLP_PARAMS = 1_863_690
+
+
+def wide_mlp(hidden: int = 1024, seed: int = 0):
+    """A fully connected torch network 784 -> hidden -> hidden -> 10 (ReLU): for hidden = 1024 it has
+    1.86 million parameters (64 times the CNN's) and 1.9 million multiply-adds per image (the CNN: 2.8 million), so
+    its gradient Allreduce is large next to its backward pass: the case the overlap is made for.
+    Same weights on every rank (``seed``)."""
+    import torch
+    from torch import nn
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                             nn.Linear(hidden, 10))
+
+
 class Overlapped(Design):
     """The synchronous step with the gradient Allreduce split into buckets started from backward hooks.
 

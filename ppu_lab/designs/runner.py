@@ -101,9 +101,10 @@ class DesignResult:
         return float("nan")
 
     def summary(self, target: float | None = None) -> dict:
-        """One row of the comparison table."""
+        """One row of the comparison table. ``ms_per_step`` is the *mean* (training time / steps): a
+        median would hide the steps where local SGD averages or a server catches up."""
         row = {"design": self.design, "ranks": self.ranks,
-               "ms_per_step": 1e3 * float(np.median(self.step_times)) if self.step_times.size else float("nan"),
+               "ms_per_step": 1e3 * float(np.mean(self.step_times)) if self.step_times.size else float("nan"),
                "kB_per_step": self.bytes_per_step / 1e3,
                "final_score": self.history["score"][-1] if self.history["score"] else float("nan"),
                "seconds": self.history["seconds"][-1] if self.history["seconds"] else float("nan")}
