@@ -203,6 +203,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=5, help="steps dropped at the start of each block (default 5)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed per rank count (default 900)")
     ap.add_argument("--json", default=None, help="also write the measurements to this JSON file")
+    ap.add_argument("--save-reference", action="store_true", help="write results/reference/dp_step.json (notebook 06)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -216,6 +217,12 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps({str(p): r for p, r in rows.items()}, indent=1))
     print(table(rows))
+    if args.save_reference:
+        from ppu_lab import reference
+
+        records = [{"ranks": p, "config": key, **times} for p, r in sorted(rows.items()) for key, times in r.items()]
+        command = "python benchmarks/dp_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        print(f"saved {reference.save('dp_step', records, command=command)}")
 
 
 if __name__ == "__main__":

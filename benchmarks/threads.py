@@ -13,6 +13,7 @@ Not a test: it prints a table. Example::
 
     python benchmarks/threads.py                 # 10-20 s on 2 cores
     python benchmarks/threads.py --batch 100000,200000 --repeat 5
+    python benchmarks/threads.py --save-reference   # also write results/reference/threads_*.json (notebook 02)
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import argparse
 import numpy as np
 
 from ppu_lab import ridge, threads
+
+REFERENCES = ("threads_scaling", "threads_gil", "threads_break_even")
 
 
 def _row(cells, widths):
@@ -37,7 +40,7 @@ def scaling_table(args):
                       ("NumPy @", threads.data_gradient_matmul, b, args.d, blas)]
     widths = (16, 14, 5, 8, 12, 9)
     print(_row(("gradient", "batch x d", "BLAS", "threads", "ms/gradient", "speedup"), widths))
-    data = {}
+    data, records = {}, []
     for name, fn, b, d, blas in cases:
         if (b, d) not in data:
             data[b, d] = rng.standard_normal((b, d)), rng.standard_normal(b), rng.standard_normal(d)
@@ -45,7 +48,10 @@ def scaling_table(args):
         t = threads.time_threads(fn, w, X, y, threads=args.threads, repeat=args.repeat, blas_threads=blas)
         for k, tk in zip(args.threads, t):
             print(_row((name, f"{b} x {d}", blas or "all", k, f"{1e3 * tk:.3f}", f"{t[0] / tk:.2f}x"), widths))
+            records.append({"gradient": name, "rows": b, "d": d, "blas": blas or "all", "threads": k,
+                            "seconds": float(tk), "speedup": float(t[0] / tk)})
     print("speedup = T(1 thread) / T(k threads), same BLAS setting, medians of interleaved rounds")
+    return records
 
 
 def gil_table(args):
@@ -61,8 +67,12 @@ def gil_table(args):
              ("ridge.data_gradient", ridge.data_gradient, (w, X, y)),
              ("data_gradient_matmul", threads.data_gradient_matmul, (w, X, y))]
     print(f"GIL left free during the call (1 = free, 0 = held; {args.batch[-1] // 2} x {args.d}, BLAS=1):")
+    records = []
     for name, fn, a in calls:
-        print(f"  {name:22s} {threads.gil_free_fraction(fn, *a, repeat=args.repeat):5.2f}")
+        free = threads.gil_free_fraction(fn, *a, repeat=args.repeat)
+        print(f"  {name:22s} {free:5.2f}")
+        records.append({"call": name, "free": float(free)})
+    return records
 
 
 def break_even_table(args):
@@ -78,6 +88,8 @@ def break_even_table(args):
                    widths))
     print(f"times in ms per gradient (d={args.d}, BLAS=1); ratio = serial / 2 threads")
     print(f"break-even batch (2 threads faster from there on): np.dot (ridge) {dot.batch}, @ {at.batch}")
+    return [{"gradient": name, "batch": int(b), "serial": float(run.serial[i]), "threaded": float(run.threaded[i])}
+            for name, run in (("np.dot (ridge)", dot), ("NumPy @", at)) for i, b in enumerate(run.batch_sizes)]
 
 
 def main(argv=None):
@@ -92,6 +104,7 @@ def main(argv=None):
                    default=[256, 1024, 4096, 16384, 32768, 65536, 131072, 262144],
                    help="batch sizes for the break-even")
     p.add_argument("--repeat", type=int, default=9, help="timed rounds per setting (median)")
+    p.add_argument("--save-reference", action="store_true", help="write results/reference/threads_*.json")
     args = p.parse_args(argv)
     if args.threads[0] != 1:
         p.error("--threads must start with 1 (the baseline)")
@@ -99,11 +112,20 @@ def main(argv=None):
     print("interpreter: Python {python}, free-threaded build: {free_threaded_build}, GIL enabled: {gil_enabled}; "
           "CPUs: {cpus}; BLAS: {blas}".format(**rep))
     print()
-    scaling_table(args)
+    tables = [scaling_table(args)]
     print()
-    gil_table(args)
+    tables.append(gil_table(args))
     print()
-    break_even_table(args)
+    tables.append(break_even_table(args))
+    if args.save_reference:
+        import sys
+
+        from ppu_lab import reference
+
+        notes = {**rep, "switch_interval": sys.getswitchinterval(), "numpy": np.__version__}
+        command = "python benchmarks/threads.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        for name, records in zip(REFERENCES, tables):
+            print(f"saved {reference.save(name, records, command=command, notes=notes)}")
 
 
 if __name__ == "__main__":

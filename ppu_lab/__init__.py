@@ -13,7 +13,9 @@ Modules, and the notebook that explains each:
 - ``ppu_lab.ridge``        ridge objective, gradient, serial minibatch SGD    (01)
 - ``ppu_lab.threads``      Method 1: threads, the GIL, Hogwild!               (02)
 - ``ppu_lab.cluster``      ipyparallel MPI engines that start, fail clearly and clean up (00, 03-07)
-- ``ppu_lab.collectives``  ping-pong, alpha-beta model, timing of collectives  (03)
+- ``ppu_lab.collectives``  ping-pong, gamma, protocol switch; every collective measured beside the model (03)
+- ``ppu_lab.costmodel``    the alpha-beta-gamma cost of every collective and of both designs, derived once (03, 04)
+- ``ppu_lab.perfmodel``    the step-time model T(p) = T_compute/p + T_serial + T_comm(p); speedups past this machine (04, 06, 07)
 - ``ppu_lab.parallel``     Method 2: MPI data-parallel ridge SGD, two designs  (04)
 - ``ppu_lab.models``       the ANN (NumPy, hand backprop) and the CNN (PyTorch) (05, 06)
 - ``ppu_lab.train``        data-parallel training of both models over MPI      (05, 06)
@@ -22,6 +24,7 @@ Modules, and the notebook that explains each:
 - ``ppu_lab.ddp``          PyTorch DistributedDataParallel for comparison      (06)
 - ``ppu_lab.experiments``  the course's experiment grid, resumable results, analysis (07)
 - ``ppu_lab.slurm``        the same engines and experiments through Slurm      (README, "Running on a cluster")
+- ``ppu_lab.reference``    the committed reference runs the notebooks quote (``results/reference/``)
 - ``ppu_lab.plotting``     figures (take and return a matplotlib Axes)
 
 Submodules are imported on demand (``from ppu_lab import ridge``), so importing the

@@ -1,16 +1,21 @@
-"""What MPI communication costs (notebook 03, ``benchmarks/collectives.py``).
+"""What MPI communication costs, measured (notebook 03, ``benchmarks/collectives.py``).
 
-Three ways to sum one vector of ``n`` floats per rank, so that every rank holds the sum:
+Two ways to add up one vector of ``n`` floats per rank so that every rank holds the sum, the two
+gradient exchanges of notebook 04's designs, and the pickled call for contrast:
 
-- ``sum_by_allreduce(x, comm)``               one buffer-based ``Allreduce(SUM)`` (the better design)
-- ``sum_by_scatter_allgather(parts, comm)``   the course's design: rank 0 holds all the data and
-  ``Scatter``s one row to each rank; ``Allgather`` of the rows; every rank adds them up
-- ``sum_by_pickled_allreduce(x, comm)``       lowercase ``allreduce``: the array is pickled
+- ``sum_by_allreduce(x, comm)``           one buffer-based ``Allreduce(SUM)`` (the better design)
+- ``sum_by_allgather(x, comm)``           the course's design: ``Allgather`` of every rank's vector,
+  then every rank adds the ``p`` rows in rank order (the course's design also ``Scatterv``s the
+  minibatch's rows from rank 0 before it: ``parallel.scatter_allgather_step``)
+- ``sum_by_pickled_allreduce(x, comm)``   lowercase ``allreduce``: the array is pickled
 
-The latency/bandwidth (alpha-beta) model: sending ``m`` bytes costs ``alpha + beta * m``.
-``pingpong`` measures it between ranks 0 and 1, ``fit_alpha_beta`` fits it, and
-:class:`AlphaBeta` predicts the three sums above from it. ``time_collective`` times any
-collective call the same way on every rank (the slowest rank counts).
+``pingpong`` measures one message between ranks 0 and 1; ``costmodel.fit_alpha_beta`` fits
+``alpha + beta * m`` to it and ``costmodel.fit_regimes`` finds the size where the MPI library switches protocol
+(two lines instead of one); ``measure_gamma`` times the library's own reduction (``MPI_Reduce_local``);
+``mpich_defaults`` reads MPICH's switch points (its CVARs, through ``mpivars``).
+``compare_collectives`` times every collective the lab calls, and ``format_model_table`` sets each
+beside the model of ``ppu_lab.costmodel`` with the ratio. ``time_collective`` times any collective
+call the same way on every rank (the slowest rank counts).
 
 Every function that takes ``comm`` is collective: all ranks of ``comm`` call it.
 ``comm=None`` means ``MPI.COMM_WORLD``.
@@ -18,20 +23,26 @@ Every function that takes ``comm`` is collective: all ranks of ``comm`` call it.
 
 from __future__ import annotations
 
-import math
+import os
+import re
 import statistics
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
+from ppu_lab import costmodel
+from ppu_lab.costmodel import AlphaBeta, Regimes, fit_alpha_beta, fit_regimes
 from ppu_lab.mpi import world
+
+__all__ = ["sum_by_allreduce", "sum_by_allgather", "sum_by_pickled_allreduce", "time_collective", "pingpong",
+           "AlphaBeta", "Regimes", "fit_alpha_beta", "fit_regimes", "measure_gamma", "mpich_defaults",
+           "protocol_switch", "compare_collectives", "compare_collectives_over_ranks", "format_model_table", "compare_bcast"]
 
 #: Gradient-sized messages (floats) for the benchmark; 28,938 is the CNN of notebook 06.
 GRADIENT_SIZES = (8_192, 28_938, 65_536, 262_144, 1_048_576)
 
 
-# --------------------------------------------------------------------------- the three sums
+# --------------------------------------------------------------------------- the sums
 
 
 def sum_by_allreduce(x, comm=None, out=None) -> np.ndarray:
@@ -47,34 +58,22 @@ def sum_by_allreduce(x, comm=None, out=None) -> np.ndarray:
     return out
 
 
-def sum_by_scatter_allgather(parts, comm=None, root: int = 0, rows=None, out=None) -> np.ndarray:
-    """The course's design: ``parts`` (shape ``(p, n)``) lives on ``root``; every rank gets the row sum.
+def sum_by_allgather(x, comm=None, gathered=None, out=None) -> np.ndarray:
+    """The course's gradient exchange: ``Allgather`` of every rank's ``x``, then the sum of the ``p`` rows.
 
-    ``root`` ``Scatter``s row ``r`` to rank ``r`` (in the lab: rank r's share of the minibatch;
-    here the vector it contributes); ``Allgather`` collects all rows on every rank, which adds them
-    up. ``parts`` is only read on ``root``; other ranks may pass ``None``.
-    ``rows``: a preallocated ``(p, n)`` buffer on every rank (then no ``bcast`` of the size is
-    needed, as in a training loop that knows its gradient size); ``out``: the result buffer.
+    Every rank puts ``x`` in its own row of ``gathered`` and calls ``Allgather`` in place (MPI then
+    copies nothing locally), and adds the rows in rank order, so every rank gets the same bits.
+    ``gathered``: a preallocated ``(p, n)`` buffer (a training loop reuses one every step); ``out``:
+    the result buffer (may be ``x``). ``ppu_lab.train``'s course design calls this.
     """
     from mpi4py import MPI
 
     comm = world(comm)
-    p, rank = comm.Get_size(), comm.Get_rank()
-    if rows is None:
-        meta = None
-        if rank == root:
-            parts = np.ascontiguousarray(parts)
-            if parts.ndim != 2 or parts.shape[0] != p:
-                meta = ValueError(f"parts must have shape (number of ranks = {p}, n); got {parts.shape}")
-            else:
-                meta = (parts.shape[1], parts.dtype.str)
-        meta = comm.bcast(meta, root=root)  # a small Python object: lowercase
-        if isinstance(meta, Exception):
-            raise meta
-        rows = np.empty((p, meta[0]), dtype=meta[1])
-    comm.Scatter(parts if rank == root else None, rows[rank], root=root)  # my row, in place
-    comm.Allgather(MPI.IN_PLACE, rows)  # everyone's rows, on every rank
-    return np.sum(rows, axis=0, out=out)
+    x = np.asarray(x)
+    gathered = np.empty((comm.Get_size(),) + x.shape, dtype=x.dtype) if gathered is None else gathered
+    gathered[comm.Get_rank()] = x                # my row
+    comm.Allgather(MPI.IN_PLACE, gathered)       # everyone's rows, on every rank
+    return np.sum(gathered, axis=0, out=out)
 
 
 def sum_by_pickled_allreduce(x, comm=None) -> np.ndarray:
@@ -106,34 +105,53 @@ def _calibrate(call, comm, target: float = 1e-3, cap: int = 100) -> int:
     return int(max(1, min(cap, target // max(dt, 1e-9))))
 
 
-def time_collective(fn, *args, comm=None, repeat: int = 5, number: int | None = None, warmup: int = 1,
-                    stat: str = "min", **kwargs) -> float:
-    """Seconds per call of the collective ``fn(*args, comm=comm, **kwargs)``, as seen by the slowest rank.
+def time_collectives(calls: dict, comm=None, repeat: int = 5, number: int | None = None, warmup: int = 1,
+                     stat: str = "min", separate: bool = True) -> dict:
+    """Seconds per call of each collective ``calls[name]()``, as seen by the slowest rank; ``{name: s}``.
 
-    ``repeat`` rounds of ``number`` calls, each round started by a ``Barrier``; a round's time is
-    the maximum over ranks. Returns the best round (``stat="min"``: on a shared machine other
-    work only ever adds time) or the median round; the same value on every rank.
-    ``number=None`` picks it so that a round lasts about 1 ms (at most 100 calls): short rounds
-    and many of them, so that some round escapes the other work on a shared machine.
+    ``repeat`` rounds of ``number`` calls each; the calls take turns round by round, so that a change
+    in the machine's load hits all of them. A round's time is the maximum over ranks. ``separate``
+    (default): a ``Barrier`` before every call and only the call timed, as in a training step, where
+    computation separates the collectives; otherwise the calls of a round run back to back, and a
+    root that returns before the others have received (a ``Bcast`` or ``Scatter`` root may) overlaps
+    the next call: that measures throughput, not the time of one call. Returns the best round
+    (``stat="min"``: on a shared machine other work only ever adds time) or the median round; the
+    same values on every rank. ``number=None`` picks, per call, as many as fill about 1 ms (at most
+    100): short rounds and many of them, so that some round escapes the other work on a shared machine.
     """
     from mpi4py import MPI
 
     if repeat < 1 or (number is not None and number < 1) or warmup < 0:
-        raise ValueError("time_collective: repeat and number must be >= 1, warmup >= 0")
+        raise ValueError("time_collectives: repeat and number must be >= 1, warmup >= 0")
     comm = world(comm)
-    for _ in range(warmup):
-        fn(*args, comm=comm, **kwargs)
-    if number is None:
-        number = _calibrate(lambda: fn(*args, comm=comm, **kwargs), comm)
-    rounds = []
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    numbers = {k: number or _calibrate(fn, comm) for k, fn in calls.items()}
+    rounds: dict = {k: [] for k in calls}
     for _ in range(repeat):
-        comm.Barrier()
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn(*args, comm=comm, **kwargs)
-        dt = (time.perf_counter() - t0) / number
-        rounds.append(comm.allreduce(dt, op=MPI.MAX))
-    return _stat(rounds, stat)
+        for k, fn in calls.items():
+            spent = 0.0
+            comm.Barrier()
+            t0 = time.perf_counter()
+            for _ in range(numbers[k]):
+                if separate:
+                    comm.Barrier()
+                    t0 = time.perf_counter()
+                fn()
+                if separate:
+                    spent += time.perf_counter() - t0
+            spent = spent if separate else time.perf_counter() - t0
+            rounds[k].append(comm.allreduce(spent / numbers[k], op=MPI.MAX))
+    return {k: _stat(v, stat) for k, v in rounds.items()}
+
+
+def time_collective(fn, *args, comm=None, repeat: int = 5, number: int | None = None, warmup: int = 1,
+                    stat: str = "min", separate: bool = True, **kwargs) -> float:
+    """Seconds per call of the collective ``fn(*args, comm=comm, **kwargs)`` (see :func:`time_collectives`)."""
+    comm = world(comm)
+    call = {"fn": lambda: fn(*args, comm=comm, **kwargs)}
+    return time_collectives(call, comm, repeat, number, warmup, stat, separate)["fn"]
 
 
 def _roundtrip(comm, buf, k: int) -> None:
@@ -177,134 +195,122 @@ def pingpong(sizes=None, comm=None, repeat: int = 5, number: int | None = None,
     return sizes, times
 
 
-# --------------------------------------------------------------------------- the alpha-beta model
+# --------------------------------------------------------------------------- the model's terms, measured
 
 
-@dataclass(frozen=True)
-class AlphaBeta:
-    """Time to send ``m`` bytes: ``alpha + beta * m`` (alpha: latency in s, beta: s per byte).
+def measure_gamma(nbytes: int = 1 << 20, dtype=np.float32, repeat: int = 20) -> float:
+    """Seconds per byte that the MPI library's own ``SUM`` takes to reduce (``MPI_Reduce_local``), best of ``repeat``.
 
-    Collective costs use the textbook algorithms (Thakur, Rabenseifner & Gropp 2005) for ``p``
-    ranks, with ``L = ceil(log2 p)`` steps and arithmetic cost neglected:
-
-    - Allreduce (reduce-scatter, then allgather):  ``2 L alpha + 2 (p-1)/p m beta``
-    - Scatter of ``p`` rows of ``m`` bytes, then Allgather of the rows:  ``2 L alpha + 2 (p-1) m beta``
-    - pickled allreduce: the same bytes as Allreduce; the model has no term for pickling
+    Local: no communication, any rank can call it. The gamma of ``costmodel.AlphaBeta``.
     """
+    from mpi4py import MPI
 
-    alpha: float
-    beta: float
-
-    @property
-    def bandwidth(self) -> float:
-        """Bytes per second, ``1 / beta``."""
-        return 1.0 / self.beta
-
-    def send(self, nbytes):
-        return self.alpha + self.beta * np.asarray(nbytes, dtype=float)
-
-    def allreduce(self, nbytes, p: int):
-        if p < 2:
-            return np.zeros_like(np.asarray(nbytes, dtype=float))
-        steps = math.ceil(math.log2(p))
-        return 2 * steps * self.alpha + 2 * (p - 1) / p * self.beta * np.asarray(nbytes, dtype=float)
-
-    def scatter_allgather(self, nbytes, p: int):
-        if p < 2:
-            return np.zeros_like(np.asarray(nbytes, dtype=float))
-        steps = math.ceil(math.log2(p))
-        return 2 * steps * self.alpha + 2 * (p - 1) * self.beta * np.asarray(nbytes, dtype=float)
-
-    def __str__(self) -> str:
-        return f"alpha = {self.alpha * 1e6:.2f} us, beta = {self.beta * 1e9:.4f} ns/B ({self.bandwidth / 1e9:.2f} GB/s)"
+    n = max(1, int(nbytes) // np.dtype(dtype).itemsize)
+    a, b = np.ones(n, dtype=dtype), np.ones(n, dtype=dtype)
+    MPI.SUM.Reduce_local(a, b)  # warm-up: touch the pages
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        MPI.SUM.Reduce_local(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return best / (n * np.dtype(dtype).itemsize)
 
 
-def fit_alpha_beta(nbytes, seconds) -> AlphaBeta:
-    """Least-squares fit of ``seconds = alpha + beta * nbytes`` in relative error; alpha, beta > 0.
+#: MPICH's switch points that the lab's model and prose use (bytes), as ``mpivars`` prints them.
+MPICH_CVARS = ("MPIR_CVAR_ALLREDUCE_SHORT_MSG_SIZE", "MPIR_CVAR_BCAST_SHORT_MSG_SIZE", "MPIR_CVAR_BCAST_LONG_MSG_SIZE",
+               "MPIR_CVAR_ALLGATHER_SHORT_MSG_SIZE", "MPIR_CVAR_ALLGATHER_LONG_MSG_SIZE",
+               "MPIR_CVAR_CH4_IPC_CMA_P2P_THRESHOLD", "MPIR_CVAR_CH4_SHM_POSIX_IQUEUE_CELL_SIZE")
 
-    Relative error (each point weighted by ``1/seconds``) lets the small messages fix alpha and
-    the large ones fix beta. If the unconstrained fit gives a non-positive parameter, it is
-    refitted with that parameter at a small positive floor.
+
+def protocol_switch(cvars: dict | None = None) -> int | None:
+    """MPICH's documented point-to-point switch on one machine (bytes from which a message is copied once,
+    directly between the processes: ``MPIR_CVAR_CH4_IPC_CMA_P2P_THRESHOLD``); None for another MPI."""
+    cvars = mpich_defaults() if cvars is None else cvars
+    return cvars.get("MPIR_CVAR_CH4_IPC_CMA_P2P_THRESHOLD")
+
+
+def mpich_defaults(timeout: float = 60) -> dict:
+    """``{CVAR: bytes}`` for ``MPICH_CVARS`` as this MPICH sets them (its ``mpivars`` tool); ``{}`` elsewhere.
+
+    ``mpivars`` ships with MPICH (beside its ``mpiexec``) and prints every control variable with its
+    value, environment overrides included. Other MPIs (Open MPI: ``ompi_info --all``) return ``{}``.
     """
-    m = np.asarray(nbytes, dtype=float)
-    t = np.asarray(seconds, dtype=float)
-    if m.shape != t.shape or m.ndim != 1 or m.size < 2:
-        raise ValueError("nbytes and seconds must be 1-D arrays of the same length >= 2")
-    if not (np.isfinite(t).all() and (t > 0).all() and (m > 0).all()):
-        raise ValueError("nbytes and seconds must be positive and finite")
-    if np.ptp(m) == 0:
-        raise ValueError("nbytes must contain at least two different message sizes")
-    w = 1.0 / t
-    A = np.column_stack([np.ones_like(m), m]) * w[:, None]
-    alpha, beta = np.linalg.lstsq(A, t * w, rcond=None)[0]
-    if alpha <= 0:  # latency below resolution: keep a floor, refit beta
-        alpha = 1e-3 * t.min()
-        beta = float(np.sum(w * w * m * (t - alpha)) / np.sum(w * w * m * m))
-    if beta <= 0:  # bandwidth beyond resolution: floor beta, refit alpha
-        beta = 1e-3 * t.min() / m.max()
-        alpha = float(np.sum(w * w * (t - beta * m)) / np.sum(w * w))
-    return AlphaBeta(float(alpha), float(beta))
+    import shutil
+    from pathlib import Path
+
+    from ppu_lab.mpiexec import find_mpiexec
+    from ppu_lab.procs import run
+
+    mpiexec = find_mpiexec()
+    tool = Path(mpiexec).with_name("mpivars") if mpiexec else None
+    tool = str(tool) if tool is not None and tool.exists() else shutil.which("mpivars")
+    if tool is None:
+        return {}
+    # inside an MPI job the launcher's variables would make mpivars join the job: start it clean
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "MPI_LOCAL"))}
+    try:
+        out = run([tool], timeout, env=env).stdout
+    except Exception:  # noqa: BLE001 - no table is an answer too: the caller says so
+        return {}
+    found = dict(re.findall(r"^\s*(MPIR_CVAR_\w+)\s*=\s*(-?\d+)\s", out, re.M))
+    return {k: int(found[k]) for k in MPICH_CVARS if k in found}
 
 
-# --------------------------------------------------------------------------- the comparison
+# --------------------------------------------------------------------------- every collective, measured
 
 
-def compare_sums(sizes=GRADIENT_SIZES, comm=None, repeat: int = 5, number: int | None = None,
-                 dtype=np.float32, pickled: bool = True, stat: str = "min") -> list[dict]:
-    """Time the three sums for each message size (floats per rank); the same list on every rank.
+def _calls(n: int, comm, dtype):
+    """``{name: fn()}`` for every collective the lab calls, on ``n`` numbers per rank (buffers made once)."""
+    from mpi4py import MPI
 
-    Each row: ``n`` (floats), ``nbytes``, ``ranks``, and seconds per call ``allreduce``,
-    ``scatter_allgather``, ``pickled`` (NaN when ``pickled=False``). The results are checked
-    against each other (a wrong sum raises ``AssertionError``).
+    from ppu_lab.mpi import mpi_dtype
+
+    p, rank = comm.Get_size(), comm.Get_rank()
+    x = np.random.default_rng(rank).random(n).astype(dtype)
+    out, gathered, buf, acc = np.empty_like(x), np.empty((p, n), dtype=dtype), x.copy(), x.copy()
+    rows = np.empty((p, n), dtype=dtype) if rank == 0 else None
+    vspec = [rows, [n] * p, [n * r for r in range(p)], mpi_dtype(x)] if rank == 0 else None
+    expect = sum_by_allreduce(x, comm, out=np.empty_like(x))
+    got = sum_by_allgather(x, comm, gathered)
+    assert np.allclose(got, expect, rtol=1e-5, atol=1e-5 * p), "Allgather + sum differs from Allreduce"
+    return {
+        "Send": lambda: _roundtrip(comm, buf, 1),  # a round trip: halved below
+        "Bcast": lambda: comm.Bcast(buf, root=0),
+        "Scatter": lambda: comm.Scatter(rows, buf, root=0),
+        "Scatterv": lambda: comm.Scatterv(vspec, buf, root=0),
+        "Allgather": lambda: comm.Allgather(MPI.IN_PLACE, gathered),        # in place, as the lab calls it
+        "Allgather + sum": lambda: sum_by_allgather(x, comm, gathered, out),
+        "Allreduce": lambda: comm.Allreduce(MPI.IN_PLACE, acc, op=MPI.SUM),  # in place, as train and parallel
+        "pickled allreduce": lambda: sum_by_pickled_allreduce(x, comm),
+    }
+
+
+def compare_collectives(sizes=GRADIENT_SIZES, comm=None, repeat: int = 5, number: int | None = None,
+                        dtype=np.float32, stat: str = "min", only=None) -> list[dict]:
+    """Time every collective the lab calls for ``n`` numbers per rank, each ``n`` in ``sizes``.
+
+    Returns (on every rank) rows ``{collective, n, nbytes, ranks, seconds}``: ``n`` is what each rank
+    sends, receives or contributes (Bcast: the buffer; Send: one way, half a round trip between ranks
+    0 and 1). ``only``: a subset of the names. The calls take turns (``time_collectives``); the two
+    sums are checked against each other (a wrong sum raises ``AssertionError``). Needs 2 ranks or more.
     """
     comm = world(comm)
-    p, rank = comm.Get_size(), comm.Get_rank()
+    p = comm.Get_size()
+    if p < 2:
+        raise ValueError("compare_collectives needs at least 2 ranks: start with `mpiexec -n 2` or MPICluster(n=2)")
     rows = []
     for n in sizes:
-        n = int(n)
-        rng = np.random.default_rng(rank)
-        x = rng.random(n).astype(dtype)
-        gathered = comm.gather(x, root=0)  # collective: every rank calls it
-        parts = np.stack(gathered) if rank == 0 else None
-        out, buf = np.empty_like(x), np.empty((p, n), dtype=dtype)  # reused, as in a training loop
-        expect = sum_by_allreduce(x, comm)
-        got = sum_by_scatter_allgather(parts, comm)
-        tol = 1e-5 * p * max(1.0, float(np.abs(expect).max()))
-        assert np.allclose(got, expect, rtol=1e-5, atol=tol), "Scatter+Allgather sum differs from Allreduce"
-        row = {
-            "n": n, "nbytes": n * np.dtype(dtype).itemsize, "ranks": p,
-            "allreduce": time_collective(sum_by_allreduce, x, comm=comm, out=out, repeat=repeat, number=number,
-                                         stat=stat),
-            "scatter_allgather": time_collective(sum_by_scatter_allgather, parts, comm=comm, rows=buf, out=out,
-                                                 repeat=repeat, number=number, stat=stat),
-            "pickled": float("nan"),
-        }
-        if pickled:
-            row["pickled"] = time_collective(sum_by_pickled_allreduce, x, comm=comm, repeat=repeat,
-                                             number=number, stat=stat)
-        rows.append(row)
+        calls = _calls(int(n), comm, dtype)
+        calls = {k: f for k, f in calls.items() if only is None or k in only}
+        times = time_collectives(calls, comm, repeat=repeat, number=number, stat=stat)
+        for name, t in times.items():
+            rows.append({"collective": name, "n": int(n), "nbytes": int(n) * np.dtype(dtype).itemsize, "ranks": p,
+                         "seconds": t / 2 if name == "Send" else t})
     return rows
 
 
-def format_table(rows, model: AlphaBeta | None = None) -> str:
-    """The rows of :func:`compare_sums` as a text table, in microseconds, with the model beside each."""
-    head = f"{'floats':>9} {'KiB':>7} {'p':>2} | {'Allreduce':>10} {'model':>7} | {'Scat+Allg':>10} {'model':>7} |" \
-           f" {'pickled':>9} {'model':>7} | {'S+A/AR':>6} {'pick/AR':>7}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        p, m = r["ranks"], r["nbytes"]
-        pred = (model.allreduce(m, p), model.scatter_allgather(m, p), model.allreduce(m, p)) if model else (np.nan,) * 3
-        us = [1e6 * r[k] for k in ("allreduce", "scatter_allgather", "pickled")]
-        lines.append(
-            f"{r['n']:>9,d} {m / 1024:>7.1f} {p:>2} | {us[0]:>10.1f} {1e6 * pred[0]:>7.1f} | {us[1]:>10.1f} "
-            f"{1e6 * pred[1]:>7.1f} | {us[2]:>9.1f} {1e6 * pred[2]:>7.1f} | {us[1] / us[0]:>6.2f} {us[2] / us[0]:>7.2f}"
-        )
-    lines.append("times in microseconds per call (best round, slowest rank); model = alpha-beta prediction")
-    return "\n".join(lines)
-
-
-def compare_sums_over_ranks(sizes=GRADIENT_SIZES, ranks=(2,), comm=None, **kwargs) -> list[dict]:
-    """:func:`compare_sums` on the first ``p`` ranks of ``comm`` for each ``p`` in ``ranks``.
+def compare_collectives_over_ranks(sizes=GRADIENT_SIZES, ranks=(2,), comm=None, **kwargs) -> list[dict] | None:
+    """:func:`compare_collectives` on the first ``p`` ranks of ``comm`` for each ``p`` in ``ranks``.
 
     Collective over ``comm``; the rows of every ``p`` are returned on rank 0 (``None`` elsewhere).
     One set of engines serves every rank count (notebook 03).
@@ -316,9 +322,40 @@ def compare_sums_over_ranks(sizes=GRADIENT_SIZES, ranks=(2,), comm=None, **kwarg
     for p in ranks:
         with first_ranks(int(p), comm) as sub:
             if sub is not None:
-                rows += compare_sums(sizes, comm=sub, **kwargs)
+                rows += compare_collectives(sizes, comm=sub, **kwargs)
         comm.Barrier()
     return rows if comm.Get_rank() == 0 else None
+
+
+def model_rows(rows, model) -> list[dict]:
+    """Each measured row with the model's ``predicted`` seconds, MPICH's ``algorithm`` and the ``ratio``
+    measured/predicted."""
+    out = []
+    for r in rows:
+        m, p, name = r["nbytes"], r["ranks"], r["collective"]
+        pred = float(model.time(costmodel.COLLECTIVES[name](m, p)))
+        out.append({**r, "algorithm": costmodel.algorithm(name, m, p), "predicted": pred,
+                    "ratio": r["seconds"] / pred if pred > 0 else float("nan")})
+    return out
+
+
+def format_model_table(rows, model, within: float = 1.5) -> str:
+    """Measured against predicted, one line per collective and size, in microseconds, with the ratio."""
+    rows = model_rows(rows, model)
+    head = (f"{'collective':<18} {'MPICH algorithm':<29} {'p':>2} {'floats':>9} {'KiB':>7} | {'measured':>9} "
+            f"{'model':>8} | {'measured/model':>14}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        flag = "" if 1 / within <= r["ratio"] <= within else "  <- outside"
+        lines.append(f"{r['collective']:<18} {r['algorithm']:<29} {r['ranks']:>2} {r['n']:>9,d} "
+                     f"{r['nbytes'] / 1024:>7.1f} | {1e6 * r['seconds']:>9.1f} {1e6 * r['predicted']:>8.1f} | "
+                     f"{r['ratio']:>14.2f}{flag}")
+    modelled = [r for r in rows if r["collective"] != "pickled allreduce"]  # the model has no pickling term
+    inside = sum(1 / within <= r["ratio"] <= within for r in modelled)
+    lines.append(f"times in microseconds per call (best round, slowest rank); model: {model}")
+    lines.append(f"{inside} of {len(modelled)} within {within}x of the model (the pickled allreduce left out: "
+                 "the model has no term for pickling)")
+    return "\n".join(lines)
 
 
 def compare_bcast(sizes=(10, 1_000, 100_000), comm=None, repeat: int = 5) -> list[dict]:

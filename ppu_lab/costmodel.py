@@ -31,7 +31,7 @@ Allreduce    recursive doubling if m <= 8 B (or fewer numbers   L, L m, L m
 MPICH documents ``MPIR_CVAR_ALLREDUCE_SHORT_MSG_SIZE = 2048`` B as the Allreduce switch; that is the
 rule of MPICH 3 and of its non-blocking ``Iallreduce``; the blocking Allreduce of MPICH 4-5 switches
 at 8 B. Every gradient in the lab is far above both. At p = 2 every algorithm is one exchange, so
-what shows on one machine is the point-to-point switch (``collectives.fit_regimes`` finds it).
+what shows on one machine is the point-to-point switch (``fit_regimes`` finds it).
 
 The two designs of data-parallel SGD (``ppu_lab.parallel``, ``ppu_lab.train``), per step:
 
@@ -89,6 +89,19 @@ def _steps(p: int) -> tuple[int, int, bool]:
     return math.ceil(math.log2(p)), 1 << (p.bit_length() - 1), p & (p - 1) == 0
 
 
+def _bcast_binomial(m, p):
+    return (p < 8) | (_arr(m) <= BCAST_SHORT)
+
+
+def _allgather_logarithmic(m, p):
+    pow2 = _steps(p)[2]
+    return p * _arr(m) < (ALLGATHER_LONG if pow2 else ALLGATHER_SHORT)  # doubling (or Bruck), else ring
+
+
+def _allreduce_doubling(m, p, itemsize=4):
+    return (_arr(m) <= ALLREDUCE_SHORT) | (_arr(m) < itemsize * _steps(p)[1])
+
+
 def send(m) -> Cost:
     """One message of ``m`` bytes (``Send``/``Recv``)."""
     m = _arr(m)
@@ -103,7 +116,7 @@ def bcast(m, p: int) -> Cost:
     binomial = Cost(L + 0 * m, L * m, 0 * m, m)
     ring = (m > BCAST_LONG) if pow2 else (m == m)                      # allgather by ring, else by doubling
     halves = Cost(np.where(ring, L + p - 1, 2 * L), 2 * (p - 1) / p * m, 0 * m, m / 2)  # scatter + allgather
-    return _choose((p < 8) | (m <= BCAST_SHORT), binomial, halves)
+    return _choose(_bcast_binomial(m, p), binomial, halves)
 
 
 def scatter(m, p: int) -> Cost:
@@ -120,10 +133,10 @@ def scatterv(m, p: int) -> Cost:
 
 def allgather(m, p: int) -> Cost:
     """``Allgather`` of ``m`` bytes from each of ``p`` ranks: every rank receives ``(p-1) m``."""
-    m, (L, _, pow2) = _arr(m), _steps(p)
+    m, (L, _, _) = _arr(m), _steps(p)
     if p == 1:
         return Cost(0 * m, 0 * m, 0 * m, 0 * m)
-    logarithmic = p * m < (ALLGATHER_LONG if pow2 else ALLGATHER_SHORT)  # doubling or Bruck, else ring
+    logarithmic = _allgather_logarithmic(m, p)
     return Cost(np.where(logarithmic, L, p - 1), (p - 1) * m, 0 * m, np.where(logarithmic, (p // 2) * m, m))
 
 
@@ -136,7 +149,7 @@ def allreduce(m, p: int, itemsize: int = 4) -> Cost:
     extra = Cost(0 * m, 0 * m, 0 * m, 0 * m) if pow2 else Cost(2 + 0 * m, 2 * m, m, m)  # fold in, send back
     doubling = Cost(k + 0 * m, k * m, k * m, m) + extra
     rabenseifner = Cost(2 * k + 0 * m, 2 * (q - 1) / q * m, (q - 1) / q * m, m / 2) + extra
-    return _choose((m <= ALLREDUCE_SHORT) | (m < itemsize * q), doubling, rabenseifner)
+    return _choose(_allreduce_doubling(m, p, itemsize), doubling, rabenseifner)
 
 
 def _choose(cond, a: Cost, b: Cost) -> Cost:
@@ -165,10 +178,26 @@ def design(name: str, p: int, grad_bytes, batch_bytes=0.0) -> Cost:
     raise ValueError(f"design must be one of {DESIGNS}; got {name!r}")
 
 
+def algorithm(name: str, m: float, p: int) -> str:
+    """The algorithm MPICH selects by default for collective ``name`` (a key of ``COLLECTIVES``) of ``m`` bytes."""
+    if name == "Send":
+        return "point-to-point"
+    if p == 1:
+        return "local copy"
+    if name == "Bcast":
+        return "binomial" if _bcast_binomial(m, p) else "scatter + allgather"
+    if name in ("Allgather", "Allgather + sum"):
+        kind = ("recursive doubling" if _steps(p)[2] else "Bruck") if _allgather_logarithmic(m, p) else "ring"
+        return kind + (" + sum" if name.endswith("sum") else "")
+    if name in ("Allreduce", "pickled allreduce"):
+        return "recursive doubling" if _allreduce_doubling(m, p) else "reduce-scatter + allgather"
+    return {"Scatter": "binomial", "Scatterv": "linear"}[name]
+
+
 #: ``name -> cost(m, p)`` for every collective the lab calls (m as in each function's docstring).
 COLLECTIVES = {"Send": lambda m, p: send(m), "Bcast": bcast, "Scatter": scatter, "Scatterv": scatterv,
-               "Allgather": allgather, "Allreduce": allreduce,
-               "Allgather + sum": lambda m, p: allgather(m, p) + reduce_local(m, p)}
+               "Allgather": allgather, "Allgather + sum": lambda m, p: allgather(m, p) + reduce_local(m, p),
+               "Allreduce": allreduce, "pickled allreduce": allreduce}  # the model has no term for pickling
 
 
 # =========================================================================== seconds
@@ -221,7 +250,7 @@ class Regimes:
     """Two alpha-beta lines split at ``switch`` bytes: a protocol switch of the MPI library.
 
     A cost is priced by ``small`` when its largest message is below ``switch``, else by ``large``
-    (``collectives.fit_regimes`` finds the switch in a ping-pong). Same methods as :class:`AlphaBeta`.
+    (``fit_regimes`` finds the switch in a ping-pong). Same methods as :class:`AlphaBeta`.
     """
 
     switch: float
@@ -267,3 +296,34 @@ def fit_alpha_beta(nbytes, seconds, gamma: float = 0.0) -> AlphaBeta:
         beta = 1e-3 * t.min() / m.max()
         alpha = float(np.sum(w * w * (t - beta * m)) / np.sum(w * w))
     return AlphaBeta(float(alpha), float(beta), float(gamma))
+
+
+def fit_regimes(nbytes, seconds, gamma: float = 0.0, min_points: int = 4, lowest: float = 1024,
+                switch: float | None = None) -> Regimes:
+    """Two alpha-beta lines fitted to a ping-pong, split at the library's protocol switch.
+
+    ``switch`` (bytes) given: split there (``collectives.protocol_switch()`` is MPICH's documented one). Otherwise
+    every split at a size of at least ``lowest`` bytes that leaves at least ``min_points`` sizes on
+    each side is tried (below a kilobyte every message costs about alpha, and noise would choose the
+    split) and the one with the smallest total squared relative error wins: where the ping-pong bends.
+    The returned ``switch`` is the first size of the upper line.
+    """
+    m, t = np.asarray(nbytes, dtype=float), np.asarray(seconds, dtype=float)
+    order = np.argsort(m)
+    m, t = m[order], t[order]
+    if m.size < 2 * min_points:
+        raise ValueError(f"fit_regimes needs at least {2 * min_points} message sizes ({min_points} on each side "
+                         "of a switch)")
+    best = None
+    splits = range(min_points, m.size - min_points + 1) if switch is None else [int(np.searchsorted(m, switch))]
+    for k in splits:
+        searched_too_low = switch is None and m[k] < lowest
+        if not 1 < k < m.size - 1 or searched_too_low or m[k - 1] == m[k] or np.ptp(m[:k]) == 0 or np.ptp(m[k:]) == 0:
+            continue
+        lo, hi = fit_alpha_beta(m[:k], t[:k], gamma), fit_alpha_beta(m[k:], t[k:], gamma)
+        err = np.sum((lo.send(m[:k]) / t[:k] - 1) ** 2) + np.sum((hi.send(m[k:]) / t[k:] - 1) ** 2)
+        if best is None or err < best[0]:
+            best = (err, Regimes(float(m[k]), lo, hi))
+    if best is None:
+        raise ValueError("fit_regimes needs at least two different sizes on each side of a switch")
+    return best[1]

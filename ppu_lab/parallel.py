@@ -13,7 +13,8 @@ one rank into an error on all of them:
 Both reuse ``ppu_lab.ridge``'s kernels (``data_gradient``, ``combine``, ``sgd_step``,
 ``minibatches``) unchanged, and give ``ridge.sgd``'s weights to rounding error on any number of
 ranks. The generic MPI helpers (``shard_bounds``, ``check_all``, ...) are in ``ppu_lab.mpi``.
-``time_steps`` runs a design on the first p ranks for the scaling study of notebook 04.
+``time_steps`` runs a design on the first p ranks for the scaling study of notebook 04, whose
+prediction is ``perfmodel.StepModel``.
 
 Every function that takes ``comm`` is collective: all ranks of ``comm`` must call it.
 """
@@ -54,6 +55,8 @@ class ParallelSGDResult(ridge.SGDResult):
     """``ridge.SGDResult`` plus this rank's per-step timings (seconds, one entry per step).
 
     ``compute``: local gradient, sum of the shard gradients and the update;
+    ``update``: the part of ``compute`` that every rank does in full (the sum and the update: the
+    serial part of ``perfmodel.StepModel``);
     ``comm``: the collectives (and, for rank 0 of the scatter design, packing the rows it sends),
     including the time spent waiting for slower ranks.
     """
@@ -62,13 +65,14 @@ class ParallelSGDResult(ridge.SGDResult):
     design: str = ""
     compute: np.ndarray = field(default_factory=lambda: np.zeros(0))
     comm: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    update: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def step_times(self) -> dict:
-        """Median seconds per step: ``{"compute": ..., "comm": ..., "total": ...}``."""
+        """Median seconds per step: ``{"compute": ..., "update": ..., "comm": ..., "total": ...}``."""
         if self.compute.size == 0:
-            return {"compute": float("nan"), "comm": float("nan"), "total": float("nan")}
-        return {"compute": float(np.median(self.compute)), "comm": float(np.median(self.comm)),
-                "total": float(np.median(self.compute + self.comm))}
+            return dict.fromkeys(("compute", "update", "comm", "total"), float("nan"))
+        return {"compute": float(np.median(self.compute)), "update": float(np.median(self.update)),
+                "comm": float(np.median(self.comm)), "total": float(np.median(self.compute + self.comm))}
 
 
 # =========================================================================== the two steps
@@ -105,9 +109,9 @@ def scatter_allgather_step(w, XY, idx, nb, lam, n, lr, comm, gathered, shard_gra
         rows = [XY[idx], counts, shard_displs(counts), MPI.DOUBLE] if rank == 0 else None
         comm.Scatterv(rows, shard, root=0)                             # rank r gets shard r
     with timer("compute"):
-        g = shard_gradient(w, shard[:, :d], shard[:, d])               # (d,) sum over my shard
+        gathered[rank] = shard_gradient(w, shard[:, :d], shard[:, d])  # (d,) sum over my shard, in my row
     with timer("comm"):
-        comm.Allgather(np.ascontiguousarray(g), gathered)              # (p, d) every shard's sum
+        comm.Allgather(MPI.IN_PLACE, gathered)                         # (p, d) every shard's sum
     with timer("update"):
         total = gathered.sum(axis=0)                                   # same order: same sum everywhere
         return ridge.sgd_step(w, ridge.combine(w, total, lam, n, nb), lr)
@@ -291,8 +295,10 @@ def _result(w, history, timer, size, design):
     steps = timer.count("update")
     comm_laps = np.asarray(timer.laps.get("comm", []), dtype=float)
     comm_per_step = comm_laps.reshape(steps, -1).sum(axis=1) if steps else np.zeros(0)
-    compute = np.asarray(timer.laps.get("compute", []), dtype=float) + np.asarray(timer.laps.get("update", []))
-    return ParallelSGDResult(w=w, history=history, ranks=size, design=design, compute=compute, comm=comm_per_step)
+    update = np.asarray(timer.laps.get("update", []), dtype=float)
+    compute = np.asarray(timer.laps.get("compute", []), dtype=float) + update
+    return ParallelSGDResult(w=w, history=history, ranks=size, design=design, compute=compute, comm=comm_per_step,
+                             update=update)
 
 
 DESIGNS = {"scatter_allgather": sgd_scatter_allgather, "allreduce": sgd_allreduce}
@@ -303,8 +309,8 @@ def time_steps(design: str, p: int, X, y, lam, lr, batch_size, epochs, seed=0, c
     """Run ``DESIGNS[design]`` on the first ``p`` ranks of ``comm``; the others wait at the end.
 
     Collective over ``comm``. Returns, on the ranks that took part, a dict with ``design``,
-    ``ranks``, the final ``w`` and this rank's median seconds per step ``compute``, ``comm``
-    and ``total`` (see ``ParallelSGDResult.step_times``); ``None`` on the other ranks.
+    ``ranks``, the final ``w`` and this rank's median seconds per step ``compute``, ``update``,
+    ``comm`` and ``total`` (see ``ParallelSGDResult.step_times``); ``None`` on the other ranks.
     """
     if design not in DESIGNS:
         raise ValueError(f"design must be one of {list(DESIGNS)}; got {design!r}")
@@ -316,29 +322,3 @@ def time_steps(design: str, p: int, X, y, lam, lr, batch_size, epochs, seed=0, c
             out = {"design": design, "ranks": p, "w": res.w, **res.step_times()}
     sleeping_barrier(comm)  # the idle ranks wait here, without taking a core from the busy ones
     return out
-
-
-def amdahl_speedup(p, serial_fraction: float):
-    """Amdahl's law: S(p) = 1 / (f + (1 - f) / p) for a serial fraction f."""
-    p = np.asarray(p, dtype=float)
-    return 1.0 / (serial_fraction + (1.0 - serial_fraction) / p)
-
-
-def amdahl_fit(workers, times) -> float:
-    """Serial fraction f of Amdahl's law fitted (least squares) to measured times T(p).
-
-    T(p) / T(1) = f + (1 - f) / p is linear in f: with a = 1 - 1/p and b = T(p)/T(1) - 1/p,
-    f = sum(a b) / sum(a a) over the runs with p > 1, clipped to [0, 1].
-    """
-    workers = np.asarray(workers, dtype=float)
-    times = np.asarray(times, dtype=float)
-    if workers.shape != times.shape or workers.ndim != 1:
-        raise ValueError("workers and times must be 1-D sequences of the same length")
-    if not np.any(workers == 1):
-        raise ValueError("amdahl_fit needs the time on 1 worker (workers must contain 1)")
-    if not np.any(workers > 1):
-        raise ValueError("amdahl_fit needs at least one time on more than 1 worker")
-    t1 = times[workers == 1].mean()
-    a = 1.0 - 1.0 / workers[workers > 1]
-    b = times[workers > 1] / t1 - 1.0 / workers[workers > 1]
-    return float(np.clip(a @ b / (a @ a), 0.0, 1.0))

@@ -19,6 +19,7 @@ Stable API (used by notebooks 04, 06, 07 and ``benchmarks/perfmodel.py``)::
 
     StepModel(per_row, serial, batch, design="allreduce", grad_bytes=0, row_bytes=0, batch_mode="global")
     StepModel.from_parts(compute, serial, batch, **kw)     # compute: seconds of the shared part at p = 1
+    ridge_model(run_1, batch, d), train_model({batch: seconds}, grad_bytes, batch)  # from 1-rank runs
     fit_batch_line(batches, seconds) -> (serial, per_row)  # T(B) = serial + per_row * B at p = 1
     cluster(gbit_per_s, latency, gamma=0.0) -> AlphaBeta;  networks(here) -> {name: AlphaBeta}
     model.time(p, net), model.speedup(p, net), model.parts(p, net), model.peak(net, p_max)
@@ -152,6 +153,30 @@ class StepModel:
     def serial_fraction(self) -> float:
         """Amdahl's f on 1 rank: ``serial / T(1)``."""
         return self.serial / (self.serial + self.per_row * self.batch)
+
+
+def ridge_model(run: dict, batch: int, d: int) -> StepModel:
+    """The model of a ridge design (notebook 04) from its 1-rank ``parallel.time_steps`` run.
+
+    Shared work: the shard gradient (``compute - update``); serial: the update and, for the course's
+    design, rank 0 packing the minibatch (its 1-rank ``comm``). The gradient is ``d`` float64 numbers,
+    a row of ``[X | y]`` is ``d + 1``.
+    """
+    if run["ranks"] != 1:
+        raise ValueError(f"ridge_model needs the 1-rank run; got one on {run['ranks']} ranks")
+    return StepModel.from_parts(run["compute"] - run["update"], run["update"] + run["comm"], batch,
+                                design=run["design"], grad_bytes=8 * d, row_bytes=8 * (d + 1))
+
+
+def train_model(steps: dict, grad_bytes: float, batch: int, **kw) -> StepModel:
+    """The model of ``train`` (ANN, CNN) from 1-rank median step times at two or more batch sizes.
+
+    ``steps``: ``{batch size: seconds per step}``. The line through them (``fit_batch_line``) splits a
+    step into a part per row and a fixed part (Python, the update, the framework's per-call cost),
+    which no number of ranks shortens.
+    """
+    serial, per_row = fit_batch_line(list(steps), list(steps.values()))
+    return StepModel(per_row, serial, int(batch), grad_bytes=grad_bytes, **kw)
 
 
 def compare(model: StepModel, net: AlphaBeta, measured: dict) -> list[dict]:

@@ -103,17 +103,34 @@ def step_breakdown(workers: Sequence[float], compute: Sequence[float], comm: Seq
     return ax
 
 
-def amdahl(workers: Sequence[float], serial_fraction: float, ax=None, label: str | None = None, **style):
-    """Amdahl's law S(p) = 1 / (f + (1 - f) / p) for a serial fraction f, as a line (beside a measured speedup)."""
+def with_reference(x, yours, ref_x, ref_y, xlabel: str, ylabel: str, ax=None, label: str = "your run",
+                   ref_label: str = "reference run", logx: bool = False, logy: bool = False, **style):
+    """Your measurement beside the reference run's (``ppu_lab.reference``): the reference grey and dashed,
+    yours in colour with markers (``sweep`` twice, on one Axes). Returns the Axes."""
+    ax = sweep(ref_x, ref_y, xlabel, ylabel, ax=ax, label=ref_label, logx=logx, logy=logy, marker="s", ls="--",
+               color="0.55", ms=4)
+    return sweep(x, yours, xlabel, ylabel, ax=ax, label=label, logx=logx, logy=logy, **style)
+
+
+def predicted_speedup(ranks, speedups: dict, ax=None, measured=None, xlabel: str = "MPI ranks", **style):
+    """Predicted speedup curves (``{label: S(p)}`` over ``ranks``, log-log) with the ideal line, and the
+    measured points ``{label: (ranks, S)}`` as markers; the peak of each curve is marked."""
     ax = _ax(ax)
-    p = np.asarray(workers, dtype=float)
-    f = float(serial_fraction)
-    style.setdefault("ls", ":")
-    ax.plot(p, 1.0 / (f + (1.0 - f) / p), label=label or f"Amdahl, serial fraction {f:.2f}", **style)
-    ax.set_xlabel(ax.get_xlabel() or "workers")
-    ax.set_ylabel(ax.get_ylabel() or "speedup T(1) / T(p)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    p = np.asarray(ranks, dtype=float)
+    ax.plot(p, p, "k--", lw=1, label="ideal")
+    for i, (label, s) in enumerate(speedups.items()):
+        s = np.asarray(s, dtype=float)
+        ax.plot(p, s, "-", color=f"C{i}", label=f"{label}, predicted", **style)
+        k = int(np.argmax(s))
+        ax.plot(p[k], s[k], "v", color=f"C{i}", ms=8)
+    for i, (label, (mp, ms)) in enumerate((measured or {}).items()):
+        ax.plot(mp, ms, "o", color=f"C{i}", mec="k", ms=7, label=f"{label}, measured")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("speedup T(1) / T(p)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
     return ax
 
 
@@ -339,41 +356,55 @@ def collective_diagram(name: str, ranks: int = 4, ax=None):
     return ax
 
 
-def pingpong_fit(nbytes: Sequence[float], seconds: Sequence[float], model=None, ax=None, **style):
-    """Measured one-way message time (µs) vs message size (bytes), log-log, with the alpha-beta line."""
+def pingpong_fit(nbytes: Sequence[float], seconds: Sequence[float], model=None, ax=None, regimes=None,
+                 reference=None, **style):
+    """Measured one-way message time (µs) vs message size (bytes), log-log, with the alpha-beta line,
+    the two lines of ``regimes`` (``collectives.fit_regimes``) and the reference run's ping-pong
+    (records with ``nbytes`` and ``seconds``, grey)."""
     ax = _ax(ax)
     m = np.asarray(nbytes, dtype=float)
+    if reference:
+        ax.loglog([r["nbytes"] for r in reference], [1e6 * r["seconds"] for r in reference], "s--", color="0.55",
+                  ms=4, label="reference run")
     ax.loglog(m, 1e6 * np.asarray(seconds, dtype=float), "o", label="ping-pong (measured)", **style)
+    grid = np.geomspace(m.min(), m.max(), 200)
     if model is not None:
-        grid = np.geomspace(m.min(), m.max(), 100)
         ax.loglog(grid, 1e6 * model.send(grid), "-", label=f"α + β·m: {model}")
+    if regimes is not None:
+        ax.loglog(grid, 1e6 * regimes.send(grid), ":", lw=2, label=f"two lines, switch at {regimes.switch:,.0f} B")
+        ax.axvline(regimes.switch, color="0.5", lw=0.8)
     ax.set_xlabel("message size m (bytes)")
     ax.set_ylabel("one-way time (µs)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
     return ax
 
 
-def collective_costs(rows, model=None, ax=None, keys=("allreduce", "scatter_allgather", "pickled")):
-    """Time per sum (µs) vs message size (bytes) for the rows of ``collectives.compare_sums``
-    (one line per method and rank count), with the alpha-beta prediction dashed."""
+def collective_costs(rows, model=None, ax=None, collectives=("Allreduce", "Allgather + sum", "pickled allreduce"),
+                     reference=None):
+    """Time per call (µs) vs message size (bytes) of ``collectives.compare_collectives``'s rows, one line per
+    collective and rank count, with the cost model's prediction (``model.time(costmodel.COLLECTIVES[name](m, p))``)
+    dashed and the reference run's rows (``reference``, 2 ranks) grey."""
+    from ppu_lab import costmodel
+
     ax = _ax(ax)
-    names = {"allreduce": "Allreduce", "scatter_allgather": "Scatter+Allgather", "pickled": "pickled allreduce"}
-    predict = {"allreduce": "allreduce", "scatter_allgather": "scatter_allgather", "pickled": None}
+    for name in collectives if reference else ():
+        ref = sorted((r for r in reference if r["collective"] == name and r["ranks"] == 2), key=lambda r: r["nbytes"])
+        ax.loglog([r["nbytes"] for r in ref], [1e6 * r["seconds"] for r in ref], "s:", color="0.6", ms=3,
+                  label=f"{name}, reference run" if ref else None)
     for p in sorted({r["ranks"] for r in rows}):
-        sel = sorted((r for r in rows if r["ranks"] == p), key=lambda r: r["nbytes"])
-        m = np.array([r["nbytes"] for r in sel], dtype=float)
-        for i, key in enumerate(keys):
-            t = np.array([r[key] for r in sel], dtype=float)
-            if np.isnan(t).all():
+        for i, name in enumerate(collectives):
+            sel = sorted((r for r in rows if r["ranks"] == p and r["collective"] == name), key=lambda r: r["nbytes"])
+            if not sel:
                 continue
-            (line,) = ax.loglog(m, 1e6 * t, "o-", color=f"C{i}", alpha=0.5 + 0.5 / p,
-                                label=f"{names[key]}, p={p}")
-            if model is not None and predict[key]:
-                ax.loglog(m, 1e6 * getattr(model, predict[key])(m, p), "--", color=line.get_color(),
-                          alpha=line.get_alpha(), label=f"{names[key]} model, p={p}")
+            m = np.array([r["nbytes"] for r in sel], dtype=float)
+            (line,) = ax.loglog(m, [1e6 * r["seconds"] for r in sel], "o-", color=f"C{i}", alpha=0.5 + 0.5 / p,
+                                label=f"{name}, p={p}")
+            if model is not None:
+                ax.loglog(m, 1e6 * np.array([model.time(costmodel.COLLECTIVES[name](v, p)) for v in m]), "--",
+                          color=line.get_color(), alpha=line.get_alpha(), label=f"{name} model, p={p}")
     ax.set_xlabel("message size per rank (bytes)")
-    ax.set_ylabel("time per sum (µs)")
+    ax.set_ylabel("time per call (µs)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3, which="both")
     return ax

@@ -25,7 +25,23 @@ from pathlib import Path
 REFERENCE_DIR = Path(__file__).resolve().parents[1] / "results" / "reference"
 
 #: name -> record fields the notebooks read (extend it when a notebook starts quoting a reference).
-FIELDS: dict[str, tuple[str, ...]] = {}
+FIELDS: dict[str, tuple[str, ...]] = {
+    # notebook 02 (benchmarks/threads.py)
+    "threads_scaling": ("gradient", "rows", "blas", "threads", "seconds", "speedup"),
+    "threads_gil": ("call", "free"),
+    "threads_break_even": ("gradient", "batch", "serial", "threaded"),
+    # notebook 03 (benchmarks/collectives.py)
+    "collectives": ("collective", "n", "nbytes", "ranks", "seconds", "predicted", "ratio", "algorithm"),
+    "pingpong": ("nbytes", "seconds"),
+    "bcast": ("n", "bcast", "Bcast"),
+    # notebooks 04 and 06 (benchmarks/perfmodel.py)
+    "perfmodel": ("workload", "ranks", "predicted", "measured", "ratio"),
+    # notebook 06 (benchmarks/dp_step.py; the notebook's own grid in full mode)
+    "dp_step": ("ranks", "config", "ppu_lab", "DDP"),
+    "cnn_grid": ("label", "ranks", "batch_size", "batch_mode", "epoch_time", "final_accuracy"),
+    # the notebooks' Restart & Run All in full mode (benchmarks/record_references.py)
+    "notebook_runs": ("notebook", "seconds"),
+}
 
 
 def machine() -> dict:
@@ -92,6 +108,29 @@ def load(name: str) -> dict:
 def records(name: str) -> list[dict]:
     """The records of the reference ``name``."""
     return load(name)["records"]
+
+
+def select(name: str, **where) -> list[dict]:
+    """The records of reference ``name`` whose fields equal ``where`` (``select("perfmodel", workload="CNN")``)."""
+    return [r for r in records(name) if all(r.get(k) == v for k, v in where.items())]
+
+
+def value(name: str, field: str, **where):
+    """``field`` of the one record of reference ``name`` that matches ``where``; ValueError if not exactly one."""
+    found = select(name, **where)
+    if len(found) != 1:
+        raise ValueError(f"reference {name!r}: {len(found)} records match {where}, expected one")
+    return found[0][field]
+
+
+def notebook_time(notebook: str) -> str:
+    """One line: how long Restart & Run All of ``notebook`` (e.g. "03_mpi_collectives") took in full mode
+    in the reference run (``notebook_runs``, written by ``benchmarks/record_references.py``)."""
+    try:
+        seconds = value("notebook_runs", "seconds", notebook=notebook)
+    except (FileNotFoundError, ValueError):
+        return f"{notebook}: no reference run time recorded yet (python benchmarks/record_references.py)"
+    return f"Restart & Run All of {notebook} took {seconds / 60:.1f} min in the reference run (full mode)"
 
 
 def describe(name: str) -> str:

@@ -8,7 +8,7 @@ import pytest
 
 from ppu_lab import ridge
 from ppu_lab.mpi import RankError, shard_bounds, shard_counts
-from ppu_lab.parallel import NonFiniteGradientError, ParallelSGDResult, RankInputError, amdahl_fit, amdahl_speedup
+from ppu_lab.parallel import NonFiniteGradientError, ParallelSGDResult, RankInputError
 
 
 # --------------------------------------------------------------------------- shard_bounds, no MPI
@@ -57,29 +57,10 @@ def test_rank_errors_are_also_the_errors_serial_code_raises():
 
 
 def test_step_times_are_medians_per_step():
-    res = ParallelSGDResult(w=np.zeros(2), compute=np.array([1.0, 3.0, 2.0]), comm=np.array([0.5, 0.1, 0.2]))
+    res = ParallelSGDResult(w=np.zeros(2), compute=np.array([1.0, 3.0, 2.0]), comm=np.array([0.5, 0.1, 0.2]),
+                            update=np.array([0.1, 0.3, 0.2]))
     assert isinstance(res, ridge.SGDResult)
-    assert res.step_times() == {"compute": 2.0, "comm": 0.2, "total": 2.2}
-
-
-# --------------------------------------------------------------------------- Amdahl's law, no MPI
-@pytest.mark.parametrize("f", [0.0, 0.05, 0.3, 1.0])
-def test_amdahl_fit_recovers_the_serial_fraction(f):
-    p = np.array([1, 2, 3, 4, 8])
-    times = 2.0 / amdahl_speedup(p, f)  # T(p) = T(1) / S(p) with T(1) = 2 s
-    assert amdahl_fit(p, times) == pytest.approx(f, abs=1e-12)
-
-
-def test_amdahl_speedup_limits():
-    assert amdahl_speedup(1, 0.3) == pytest.approx(1.0)
-    assert amdahl_speedup(1e12, 0.25) == pytest.approx(4.0)  # 1 / f
-
-
-def test_amdahl_fit_needs_one_and_more_workers():
-    with pytest.raises(ValueError, match="1 worker"):
-        amdahl_fit([2, 4], [1.0, 0.6])
-    with pytest.raises(ValueError, match="more than 1"):
-        amdahl_fit([1], [1.0])
+    assert res.step_times() == {"compute": 2.0, "update": 0.2, "comm": 0.2, "total": 2.2}
 
 
 # --------------------------------------------------------------------------- primitives under mpiexec

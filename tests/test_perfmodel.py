@@ -164,3 +164,26 @@ def test_networks_and_tables():
     table = speedup_table({"toy": MODEL}, {"net": NET}, ranks=(2, 64, 256))
     assert set(table[0]["speedup"]) == {2, 64}                 # 256 ranks > 100 rows: not predicted
     assert "-" in format_speedups(table, ranks=(2, 64, 256)).splitlines()[-1]
+
+
+# --------------------------------------------------------------------------- the figures
+def test_plot_with_reference_and_predicted_speedup():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ppu_lab import plotting
+
+    ax = plotting.with_reference([1, 2], [1.0, 1.8], [1, 2, 3], [1.0, 1.6, 1.2], "ranks", "speedup",
+                                 ax=plt.figure().gca())
+    (ref, yours) = ax.get_lines()
+    assert list(yours.get_ydata()) == [1.0, 1.8] and list(ref.get_ydata()) == [1.0, 1.6, 1.2]
+    assert ref.get_label() == "reference run" and ax.get_xlabel() == "ranks"
+    slow = C.AlphaBeta(alpha=1e-3, beta=0.0)
+    p = np.arange(1, 101)
+    s = MODEL.speedup(p, slow)
+    ax = plotting.predicted_speedup(p, {"toy": s}, measured={"toy": ([1, 2], [1.0, 1.5])}, ax=plt.figure().gca())
+    peak = next(ln for ln in ax.get_lines() if ln.get_marker() == "v")
+    assert peak.get_xdata()[0] == MODEL.peak(slow, 100)[0] and peak.get_ydata()[0] == pytest.approx(s.max())
+    plt.close("all")

@@ -37,3 +37,19 @@ def test_save_and_load_round_trip(tmp_path, monkeypatch):
     assert "python demo.py" in reference.describe("demo")
     with pytest.raises(FileNotFoundError, match="there are: \\['demo'\\]"):
         reference.load("nothing")
+
+
+def test_select_and_value(tmp_path, monkeypatch):
+    monkeypatch.setattr(reference, "REFERENCE_DIR", tmp_path / "reference")
+    reference.save("runs", [{"notebook": "03", "seconds": 31.0}, {"notebook": "04", "seconds": 19.0}], command="x")
+    assert reference.select("runs", notebook="04") == [{"notebook": "04", "seconds": 19.0}]
+    assert reference.value("runs", "seconds", notebook="03") == 31.0
+    with pytest.raises(ValueError, match="2 records match"):
+        reference.value("runs", "seconds")
+
+
+def test_notebook_time_before_and_after_it_is_recorded(tmp_path, monkeypatch):
+    monkeypatch.setattr(reference, "REFERENCE_DIR", tmp_path / "reference")
+    assert "no reference run time recorded yet" in reference.notebook_time("03_mpi_collectives")
+    reference.save("notebook_runs", [{"notebook": "03_mpi_collectives", "seconds": 90.0}], command="x")
+    assert "took 1.5 min" in reference.notebook_time("03_mpi_collectives")

@@ -1,4 +1,5 @@
-"""Under mpiexec -n p: the three sums of ppu_lab.collectives equal the serial sum on every rank."""
+"""Under mpiexec -n p: the three sums of ppu_lab.collectives equal the serial sum on every rank; every
+collective of the lab is timed."""
 
 import numpy as np
 from mpi4py import MPI
@@ -18,34 +19,37 @@ def main():
         mine = everyone[rank].copy()
         np.testing.assert_allclose(C.sum_by_allreduce(mine, comm), serial, **tol)
         np.testing.assert_array_equal(mine, everyone[rank])  # input untouched
-        parts = everyone if rank == 0 else None
-        np.testing.assert_allclose(C.sum_by_scatter_allgather(parts, comm), serial, **tol)
+        got = C.sum_by_allgather(mine, comm)
+        np.testing.assert_allclose(got, serial, **tol)
+        np.testing.assert_array_equal(mine, everyone[rank])  # input untouched
         rows, out = np.empty((p, n), dtype=dtype), np.empty(n, dtype=dtype)
-        got = C.sum_by_scatter_allgather(parts, comm, rows=rows, out=out)
-        assert got is out
+        assert C.sum_by_allgather(mine, comm, gathered=rows, out=out) is out
         np.testing.assert_allclose(out, serial, **tol)
+        np.testing.assert_array_equal(rows, everyone)  # every rank's row, on every rank
+        inplace = mine.copy()
+        C.sum_by_allgather(inplace, comm, gathered=rows, out=inplace)  # out may be x (train does this)
+        np.testing.assert_allclose(inplace, serial, **tol)
         np.testing.assert_allclose(C.sum_by_pickled_allreduce(mine, comm), serial, **tol)
         out = np.empty_like(mine)
         assert C.sum_by_allreduce(mine, comm, out=out) is out
-    # root other than 0 (the last rank)
-    everyone = np.arange(3 * p, dtype=np.float64).reshape(p, 3)
-    got = C.sum_by_scatter_allgather(everyone if rank == p - 1 else None, comm, root=p - 1)
-    np.testing.assert_array_equal(got, everyone.sum(axis=0))
-    # a wrong shape on the root is a ValueError on every rank, not a hang
-    try:
-        C.sum_by_scatter_allgather(np.zeros((p + 1, 3)) if rank == 0 else None, comm)
-    except ValueError as exc:
-        assert "parts must have shape" in str(exc)
+    if p >= 2:
+        rows = C.compare_collectives([10, 1000], comm=comm, repeat=1, number=1)
+        names = list(C.costmodel.COLLECTIVES)
+        assert [(r["n"], r["collective"]) for r in rows] == [(n, k) for n in (10, 1000) for k in names]
+        assert all(r["ranks"] == p and r["seconds"] > 0 for r in rows)
+        over = C.compare_collectives_over_ranks([100], ranks=range(2, p + 1), comm=comm, repeat=1, number=1,
+                                                only=["Allreduce"])
+        if rank == 0:
+            assert [r["ranks"] for r in over] == list(range(2, p + 1))
+        else:
+            assert over is None
     else:
-        raise AssertionError("no ValueError for parts of the wrong shape")
-    rows = C.compare_sums([10, 1000], comm=comm, repeat=1, number=1)
-    assert [r["n"] for r in rows] == [10, 1000] and all(r["ranks"] == p for r in rows)
-    assert all(r[k] > 0 for r in rows for k in ("allreduce", "scatter_allgather", "pickled"))
-    over = C.compare_sums_over_ranks([100], ranks=range(1, p + 1), comm=comm, repeat=1, number=1)
-    if rank == 0:
-        assert [r["ranks"] for r in over] == list(range(1, p + 1))
-    else:
-        assert over is None
+        try:
+            C.compare_collectives([10], comm=comm)
+        except ValueError as exc:
+            assert "at least 2 ranks" in str(exc)
+        else:
+            raise AssertionError("no ValueError on 1 rank")
     b = C.compare_bcast([5, 5000], comm=comm, repeat=1)  # checks the broadcast values itself
     assert [r["n"] for r in b] == [5, 5000] and all(r["bcast"] > 0 and r["Bcast"] > 0 for r in b)
     if rank == 0:

@@ -29,7 +29,7 @@ def main():
                 continue
             err = float(np.max(np.abs(out["w"] - serial.w)))
             assert err <= 1e-10, f"{design} on the first {p} ranks: max |w_p - w_serial| = {err:.3g}"
-            assert 0 < out["compute"] and 0 < out["comm"] and out["total"] > 0, out
+            assert 0 < out["update"] < out["compute"] and 0 < out["comm"] and out["total"] > 0, out
             if rank == 0:
                 print(f"{design} p={p}: max|w_p - w_serial| = {err:.1e}, step compute "
                       f"{out['compute'] * 1e6:.0f} us, comm {out['comm'] * 1e6:.0f} us")
