@@ -66,6 +66,12 @@ def test_buckets_cover_the_buffer_once_in_backward_order(bucket_bytes):
     assert len(plan) == {1: len(sizes), 32 * 1024: 3, 10**9: 1}[bucket_bytes]
 
 
+def test_the_wide_model_has_the_parameters_the_notebook_quotes():
+    from ppu_lab.designs.overlap import WIDE_MLP_PARAMS, wide_mlp
+
+    assert sum(p.numel() for p in wide_mlp().parameters()) == WIDE_MLP_PARAMS
+
+
 # --------------------------------------------------------------------------- parameter server: the gate
 def test_staleness_gate_bound_zero_is_lockstep():
     gate = StalenessGate(workers=3, steps=4, bound=0)

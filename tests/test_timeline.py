@@ -41,6 +41,8 @@ def test_overlapping_spans_are_found():
 def test_window_keeps_steps_and_restarts_the_clock():
     w = synthetic().window(1, 1)
     assert set(w.step.tolist()) == {1} and w.start.min() == 0.0
+    with pytest.raises(ValueError, match="no spans"):
+        synthetic().window(5, 6)
 
 
 def test_chrome_trace_is_what_perfetto_reads(tmp_path):

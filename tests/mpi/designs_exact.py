@@ -12,6 +12,7 @@ CNN (float32), 5 steps on 300 images, against the Allreduce baseline (itself aga
 - overlapped Allreduce (bucketed Iallreduce from backward hooks), local SGD H = 1, top-k k = all and
   the synchronous parameter server agree to CNN_RTOL of the largest parameter; the overlapped
   gradient after one step equals the blocking one to float32 rounding;
+- a design that fails where it runs raises on the ranks that wait as well (compare);
 - what each design counted while it ran (messages, bytes, bytes reduced per step) is what
   designs.compare.design_cost, the cost model of the closing table, says it sends.
 """
@@ -23,9 +24,9 @@ import numpy as np
 from ppu_lab import designs, ridge
 from ppu_lab.config import limit_threads
 from ppu_lab.data import load_mnist, make_ridge_data
-from ppu_lab.designs.compare import design_cost
+from ppu_lab.designs.compare import compare, design_cost
 from ppu_lab.models import CNN_NUM_PARAMS
-from ppu_lab.mpi import mpi_main, world
+from ppu_lab.mpi import RankError, mpi_main, world
 from ppu_lab.train import train
 
 EXACT = 1e-12        # float64: only the summation order differs
@@ -74,10 +75,24 @@ def cnn_checks(comm, data):
     return params, grads, ref, costs
 
 
+def failure_reaches_every_rank(comm):
+    """A design that fails on the ranks that run it raises on the ranks that wait too (no hang)."""
+    def broken():
+        raise NameError("name 'wide_mlp' is not defined")
+
+    try:
+        compare([("allreduce", {})], broken, comm, workers=1, batch_size=10, steps=1)
+    except RankError as exc:
+        assert "NameError" in str(exc) and "wide_mlp" in str(exc), str(exc)
+    else:
+        raise AssertionError("compare did not raise on every rank")
+
+
 def main():
     comm = world()
     size = comm.Get_size()
     assert size >= 2, "run with 2 or more ranks: the parameter servers need a server and a worker"
+    failure_reaches_every_rank(comm)
     r = ridge_checks(comm, size - 1)
     x, y, xt, yt = load_mnist(sys.argv[1], download=False)
     with limit_threads(1, import_torch=True):
