@@ -72,18 +72,19 @@ def design_cost(design: str, p: int, n_params: int, itemsize: int = 4, **options
 
 
 def predict(design: str, p: int, net, *, per_row: float, serial: float, batch: int, n_params: int,
-            itemsize: int = 4, **options) -> dict:
+            itemsize: int = 4, batch_mode: str = "global", **options) -> dict:
     """Predicted seconds per step of ``design`` with ``p`` computing ranks on network ``net`` (``costmodel.AlphaBeta``).
 
     The parameter servers have one rank more, the server (p workers, p + 1 processes), as in ``compare``.
     ``per_row``, ``serial``: the computation, as ``perfmodel.StepModel`` (seconds per row of one
-    rank's shard; seconds per step that no rank count shortens); ``batch``: the global batch.
+    rank's shard; seconds per step that no rank count shortens); ``batch``: the global batch, or
+    each rank's with ``batch_mode="per_rank"``.
     Returns ``{"compute", "comm", "total"}``; ``comm`` is what the step waits for.
     """
     from ppu_lab.perfmodel import StepModel
 
     workers, ranks = p, p + 1 if design.startswith("ps_") else p
-    parts = StepModel(per_row, serial, batch).parts(workers, net)
+    parts = StepModel(per_row, serial, batch, batch_mode=batch_mode).parts(workers, net)
     compute = float(parts["compute"] + parts["serial"])
     comm = float(net.time(design_cost(design, ranks, n_params, itemsize, **options))) if ranks > 1 else 0.0
     if design == "overlap":

@@ -46,9 +46,19 @@ def bars(rows, key: str, ax=None, ylabel: str | None = None, log: bool = False, 
     return ax
 
 
-def tradeoff(rows, ax=None, score: str = "final_score", ylabel: str = "final test accuracy"):
-    """Bytes sent per step (log scale) against the final score: what compression saves and what it costs."""
+def tradeoff(rows, ax=None, score: str = "final_score", ylabel: str = "final test accuracy",
+             test_size: int | None = None):
+    """Bytes sent per step (log scale) against the final score: what compression saves and what it costs.
+
+    ``test_size``: the number of test images; then a band of two standard errors of an accuracy measured
+    on that many images is drawn around the first row's (the baseline's): differences inside it are noise.
+    """
     ax = _ax(ax)
+    if test_size:
+        a = rows[0][score]
+        half = 2 * np.sqrt(a * (1 - a) / test_size)
+        ax.axhspan(a - half, a + half, color="0.9", zorder=0, label=f"baseline ± 2 standard errors ({test_size} images)")
+        ax.legend(fontsize=7, loc="lower left")
     for k, r in enumerate(rows):
         ax.scatter(r["kB_per_step"], r[score], color=f"C{k % 10}", s=40, zorder=3)
         ax.annotate(r["design"], (r["kB_per_step"], r[score]), fontsize=7, xytext=(4, 3), textcoords="offset points")
