@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from ppu_lab.mpi import mpi_main
+from ppu_lab.mpiexec import worker_options
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = [("allreduce", {}), ("ps_sync", {}), ("ps_async", {}), ("ps_async", {"bound": 0}),
@@ -69,27 +70,15 @@ def worker(args):
 
 # --------------------------------------------------------------------------- driver
 def run(ranks, args):
-    from ppu_lab.mpiexec import mpiexec_command
-    from ppu_lab.procs import run as run_with_timeout
+    from ppu_lab.mpiexec import run_worker
 
     out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for p in ranks:
-            path = Path(tmp) / f"p{p}.json"
-            extra = [] if args.data is None else ["--data", args.data]
-            job = mpiexec_command(p + 1, sys.executable, __file__, "--worker", "--workers", p, "--out", path,
-                                  "--steps", args.steps, "--batch", args.batch, "--eval-every", args.eval_every,
-                                  "--repeats", args.repeats, "--train", args.train, "--test", args.test,
-                                  "--target", args.target, *extra)
-            print(f"running {p} computing rank(s) ({p + 1} processes) ...", file=sys.stderr, flush=True)
-            try:
-                proc = run_with_timeout(job.cmd, args.timeout, cwd=ROOT, env=job.environ())
-            except subprocess.TimeoutExpired as exc:
-                sys.exit(f"{' '.join(job.cmd)} did not finish in {args.timeout:g} s (stopped; raise --timeout):\n"
-                         f"{exc.output}\n{exc.stderr}")
-            if proc.returncode != 0 or not path.exists():
-                sys.exit(f"{' '.join(job.cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-            out[p] = json.loads(path.read_text())
+    for p in ranks:
+        print(f"running {p} computing rank(s) ({p + 1} processes) ...", file=sys.stderr, flush=True)
+        extra = [] if args.data is None else ["--data", args.data]
+        out[p] = run_worker(p + 1, __file__, "--workers", p, "--steps", args.steps, "--batch", args.batch,
+                            "--eval-every", args.eval_every, "--repeats", args.repeats, "--train", args.train,
+                            "--test", args.test, "--target", args.target, *extra, timeout=args.timeout, cwd=ROOT)
     return out
 
 
@@ -121,13 +110,10 @@ def main(argv=None):
     ap.add_argument("--data", default=None, help="MNIST folder (default: $PPU_LAB_DATA or the cache)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds allowed per rank count (default 3600)")
     ap.add_argument("--json", default=None, help="also write the measurements to this JSON file")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    worker_options(ap)
     args = ap.parse_args(argv)
     if args.worker:
-        from ppu_lab.mpi import mpi_main
-
         return mpi_main(lambda: worker(args))
     out = run(args.ranks, args)
     if args.json:

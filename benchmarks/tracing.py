@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ppu_lab.mpi import mpi_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,24 +106,14 @@ def baseline_tree(rev: str | None, dest: Path) -> str:
     return rev
 
 
-def job(p, args, out: Path, mode: str, pythonpath: str | None):
-    from ppu_lab.mpiexec import mpiexec_command
-    from ppu_lab.procs import run
+def job(p, args, mode: str, pythonpath: str | None):
+    from ppu_lab.mpiexec import run_worker
 
     extra = [] if args.data is None else ["--data", args.data]
-    launch = mpiexec_command(p, sys.executable, __file__, "--worker", "--mode", mode, "--out", out, "--steps",
-                             args.steps, "--warmup", args.warmup, "--batch", args.batch, "--blocks",
-                             args.blocks if mode == "onoff" else 1, *extra)
-    env = launch.environ()
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    try:
-        proc = run(launch.cmd, args.timeout, cwd=ROOT, env=env)
-    except subprocess.TimeoutExpired:
-        sys.exit(f"{' '.join(launch.cmd)} did not finish in {args.timeout:g} s (stopped; raise --timeout)")
-    if proc.returncode != 0 or not out.exists():
-        sys.exit(f"{' '.join(launch.cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return json.loads(out.read_text())
+    env = {"PYTHONPATH": pythonpath + os.pathsep + os.environ.get("PYTHONPATH", "")} if pythonpath else None
+    return run_worker(p, __file__, "--mode", mode, "--steps", args.steps, "--warmup", args.warmup, "--batch",
+                      args.batch, "--blocks", args.blocks if mode == "onoff" else 1, *extra, timeout=args.timeout,
+                      env=env, cwd=ROOT)
 
 
 def hook_cost(repeat: int = 200_000) -> float:
@@ -152,13 +144,12 @@ def main(argv=None):
     ap.add_argument("--baseline", default=None, help="git revision without the tracer (default: found)")
     ap.add_argument("--data", default=None, help="MNIST folder (default: $PPU_LAB_DATA or the cache)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed per job (default 900)")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="off", help=argparse.SUPPRESS)
+    # mpiexec.worker_options, written out: the baseline's workers import the package before the tracer
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        from ppu_lab.mpi import mpi_main
-
         return mpi_main(lambda: worker(args))
     if args.steps <= args.warmup:
         ap.error("--steps must be larger than --warmup")
@@ -173,11 +164,11 @@ def main(argv=None):
             for r in range(args.repeats):
                 order = [("now", None), ("before", str(tmp))][:: 1 if r % 2 == 0 else -1]
                 for side, path in order:
-                    res = job(p, args, tmp / f"{side}{p}-{r}.json", "off", path)
+                    res = job(p, args, "off", path)
                     (now if side == "now" else before).append(res["off"][0])
                     if side == "before" and not res["package"].startswith(str(tmp)):
                         sys.exit(f"the baseline run imported {res['package']}, not the extracted {rev}")
-            onoff = job(p, args, tmp / f"onoff{p}.json", "onoff", None)
+            onoff = job(p, args, "onoff", None)
             print(f"\n{p} rank(s), CNN, global batch {args.batch}, baseline {rev}")
             print(ratio_line("tracing off / code without the tracer", now, before))
             print(ratio_line("tracing on / tracing off", onoff["on"], onoff["off"]))
