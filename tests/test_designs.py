@@ -121,6 +121,21 @@ def test_time_to_target_is_the_first_crossing():
     assert res.time_to(0.95, higher=False) == 1.0
 
 
+def test_the_table_takes_medians_and_counts_the_repeats_that_reached_the_target():
+    from ppu_lab.designs.compare import format_table, table
+
+    def run(times, scores, ms):
+        return DesignResult("async", 3, np.zeros(1), {"step": [10, 20], "seconds": times, "score": scores},
+                            step_times=np.full(20, ms / 1e3))
+
+    rounds = [[run([1.0, 2.0], [0.9, 0.96], 10)], [run([1.5, 3.0], [0.5, 0.13], 30)], [run([1.0, 4.0], [0.97, 0.98], 20)]]
+    row = table(rounds, 0.95)[0]
+    assert row["reached"] == 2 and row["repeats"] == 3
+    assert row["time_to_target"] == pytest.approx(1.5) and row["steps_to_target"] == 15  # (2 + 1) / 2, (20 + 10) / 2
+    assert row["final_score"] == 0.96 and row["ms_per_step"] == pytest.approx(20)
+    assert "1.5 s 2/3" in format_table([row], 0.95)
+
+
 def test_labels_name_the_options():
     assert label("local_sgd", period=4) == "local SGD, H=4"
     assert label("topk", ratio=0.01) == "top-k + error feedback, k/m=0.01"

@@ -145,14 +145,19 @@ def traced(design: str, build, comm=None, *, workers: int | None = None, straggl
 
 
 def table(rounds, target: float) -> list[dict]:
-    """One row per design: medians over the repeats of ms per step (each a mean over the steps), time to
-    ``target`` and final score; kB per step as counted by the design while it ran."""
+    """One row per design: medians over the repeats of ms per step (each a mean over the steps) and of
+    the final score; kB per step as counted by the design while it ran; the time and steps to
+    ``target``, medians over the repeats that reached it, and ``reached``: how many did (of ``repeats``)."""
     rows = []
     for i, first in enumerate(rounds[0]):
         runs = [rnd[i] for rnd in rounds]
+        times = [r.time_to(target) for r in runs]
+        hit = [k for k, t in enumerate(times) if not math.isnan(t)]
         rows.append({**first.summary(target),
                      "ms_per_step": float(np.median([r.summary()["ms_per_step"] for r in runs])),
-                     "time_to_target": float(np.median([r.time_to(target) for r in runs])),
+                     "time_to_target": float(np.median([times[k] for k in hit])) if hit else float("nan"),
+                     "steps_to_target": float(np.median([runs[k].steps_to(target) for k in hit])) if hit else float("nan"),
+                     "reached": len(hit), "repeats": len(runs),
                      "final_score": float(np.median([r.history["score"][-1] for r in runs]))})
     return rows
 
@@ -160,13 +165,15 @@ def table(rounds, target: float) -> list[dict]:
 def format_table(rows, target: float, predicted: dict | None = None) -> str:
     """The comparison as text; ``predicted``: ``{column title: {design: ms per step}}``, one column each."""
     predicted = predicted or {}
-    head = (f"{'design':<40} {'ranks':>5} {'ms/step':>8} {'kB/step':>8} {'t→' + format(target, '.0%'):>8} "
+    head = (f"{'design':<40} {'ranks':>5} {'ms/step':>8} {'kB/step':>8} {'t→' + format(target, '.0%'):>10} "
             f"{'steps→':>7} {'final':>6}") + "".join(f" {title[:20]:>20}" for title in predicted)
     lines = [head, "-" * len(head)]
     for r in rows:
         t = "never" if math.isnan(r["time_to_target"]) else f"{r['time_to_target']:.1f} s"
+        if 0 < r.get("reached", 1) < r.get("repeats", 1):
+            t = f"{t} {r['reached']}/{r['repeats']}"      # only some repeats reached the target
         s = "-" if math.isnan(r["steps_to_target"]) else f"{r['steps_to_target']:.0f}"
-        lines.append(f"{r['design']:<40} {r['ranks']:>5} {r['ms_per_step']:>8.2f} {r['kB_per_step']:>8.1f} {t:>8} "
+        lines.append(f"{r['design']:<40} {r['ranks']:>5} {r['ms_per_step']:>8.2f} {r['kB_per_step']:>8.1f} {t:>10} "
                      f"{s:>7} {r['final_score']:>6.3f}"
                      + "".join(f" {col.get(r['design'], float('nan')):>20.2f}" for col in predicted.values()))
     return "\n".join(lines)
