@@ -19,6 +19,7 @@ Modules, and the notebook that explains each:
 - ``ppu_lab.costmodel``    the alpha-beta-gamma cost of every collective and of both designs, derived once (03, 04)
 - ``ppu_lab.perfmodel``    the step-time model T(p) = T_compute/p + T_serial + T_comm(p); speedups past this machine (04, 06, 07)
 - ``ppu_lab.parallel``     Method 2: MPI data-parallel ridge SGD, two designs  (04)
+- ``ppu_lab.timeline``     per-rank timelines: compute, communication, waiting; Gantt and Perfetto (04, 06, 08)
 - ``ppu_lab.models``       the ANN (NumPy, hand backprop) and the CNN (PyTorch) (05, 06)
 - ``ppu_lab.train``        data-parallel training of both models over MPI      (05, 06)
 - ``ppu_lab.trainconfig``  ``TrainConfig``: the settings of a training run    (05-07)
@@ -26,6 +27,7 @@ Modules, and the notebook that explains each:
 - ``ppu_lab.ddp``          PyTorch DistributedDataParallel for comparison      (06)
 - ``ppu_lab.experiments``  the course's experiment grid, resumable results, the course's four
                            conclusions tested with their noise (05, 07)
+- ``ppu_lab.designs``      beyond the course: parameter server, local SGD, compression, overlap (08)
 - ``ppu_lab.slurm``        the same engines and experiments through Slurm (a package) (README, "Running on a cluster")
 - ``ppu_lab.reference``    the committed reference runs the notebooks quote (``results/reference/``)
 - ``ppu_lab.plotting``     figures (take and return a matplotlib Axes)

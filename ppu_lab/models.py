@@ -202,11 +202,12 @@ class AnnModel:
         return np.ascontiguousarray(np.asarray(x, dtype=np.float64).reshape(len(x), -1))
 
     def loss_grad(self, X, y):
-        """Summed loss of a shard; its gradient sum lands in ``self.grad_view``."""
+        """Summed loss of a shard (also in the buffer's last slot); its gradient sum lands in ``self.grad_view``."""
         if len(y) == 0:
-            self.grad_view[:] = 0.0
+            self.grad[:] = 0.0
             return 0.0
         loss, _ = ann_loss_grad(self.theta, X, y, self.hidden, self.activation, out=self.grad_view)
+        self.grad[-1] = loss
         return loss
 
     def predict(self, X):
@@ -268,14 +269,18 @@ def flatten_module(module, extra: int = 0):
 
 
 class CnnModel:
-    """The CNN as the trainer sees it: ``theta`` and ``grad`` are NumPy views of flat torch buffers."""
+    """The CNN as the trainer sees it: ``theta`` and ``grad`` are NumPy views of flat torch buffers.
+
+    ``net``: another torch module on (B, 1, 28, 28) images to train instead of the course's CNN (e.g.
+    a larger model for notebook 08); by default ``make_cnn(seed)``.
+    """
 
     name = "cnn"
 
-    def __init__(self, seed=0):
+    def __init__(self, seed=0, net=None):
         import torch
 
-        self.net = make_cnn(seed)  # the same initial weights on every rank; global RNG untouched
+        self.net = make_cnn(seed) if net is None else net  # the same initial weights on every rank
         self.flat, self.flat_grad = flatten_module(self.net, extra=1)
         self.theta = self.flat.numpy()  # shares memory with the module's parameters
         self.grad = self.flat_grad.numpy()
@@ -293,15 +298,20 @@ class CnnModel:
         return torch.from_numpy(x.reshape(len(x), 1, 28, 28))
 
     def loss_grad(self, X, y):
-        """Summed cross-entropy of a shard; backward() accumulates its gradient into ``self.grad_view``."""
+        """Summed cross-entropy of a shard; backward() accumulates its gradient into ``self.grad_view``.
+
+        The loss is also written to the buffer's last slot *before* backward, so that a hook that
+        sends parts of the buffer while backward runs (``ppu_lab.designs.overlap``) sends it too.
+        """
         import torch
 
         self.flat_grad.zero_()
         if len(y) == 0:
             return 0.0
         loss = self._ce(self.net(X), torch.as_tensor(y))  # (B, 10) logits -> summed loss
+        self.grad[-1] = value = loss.item()
         loss.backward()
-        return loss.item()
+        return value
 
     def predict(self, X):
         import torch

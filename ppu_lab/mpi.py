@@ -6,8 +6,10 @@
 - ``check_all(ok, message, comm)``   collective check: raise ``RankError`` on every rank if any failed;
   ``check_everywhere(fn, comm)`` runs ``fn`` on every rank and raises its error on all of them
 - ``allreduce_sum(buf, comm)``       in-place ``Allreduce(SUM)`` on a contiguous NumPy buffer
-- ``sleeping_barrier(comm, timeout)`` a barrier that sleeps instead of spinning, with a deadline
-- ``first_ranks(p, comm)``           context: a communicator of the first ``p`` ranks
+- ``sleeping_barrier(comm, timeout)`` a barrier that sleeps instead of spinning, with a deadline;
+  ``wait_for(request, timeout, message)`` the same for any non-blocking request
+- ``first_ranks(p, comm)``           context: a communicator of the first ``p`` ranks;
+  ``on_first_ranks(p, comm, fn)`` runs ``fn`` there and brings its result (or its error) to every rank
 - ``node_ranks_and_cores(comm)``     ranks on this node and the CPUs they may use together (whether
   they share cores), the same under MPICH and under Open MPI, which binds each rank to a core
 - ``mpi_dtype(array)``               the MPI datatype of a NumPy array (``mpi4py.util.dtlib``)
@@ -163,15 +165,26 @@ def sleeping_barrier(comm=None, timeout: float | None = BARRIER_TIMEOUT, poll: f
     learns from its own logs; the message says what to do.
     """
     comm = world(comm)
-    request = comm.Ibarrier()
+    wait_for(comm.Ibarrier(), timeout, lambda: (
+        f"rank {comm.Get_rank()} waited {timeout:.0f} s at a barrier for the other "
+        f"{comm.Get_size() - 1} rank(s): one of them is stuck or far slower. Look at the other "
+        "ranks' output; pass a larger timeout= if their work really takes that long."), poll=poll)
+
+
+def wait_for(request, timeout: float | None, message, *, status=None, poll: float = 0.02) -> None:
+    """Wait for a non-blocking MPI ``request`` (``Irecv``, ``Isend``, ``Ibarrier``, ...) with a deadline.
+
+    Tests it, then sleeps between tests (0.1 ms at first, doubling up to ``poll`` seconds), so a
+    waiting rank leaves its core to the ranks that work. ``status``: an ``MPI.Status`` to fill
+    (e.g. the source of an ``Irecv`` from ``ANY_SOURCE``). Raises ``TimeoutError(message())``
+    (``message``: a function returning the text, so it costs nothing until needed) after
+    ``timeout`` seconds (``None``: no deadline).
+    """
     deadline = None if timeout is None else time.monotonic() + float(timeout)
     delay = min(1e-4, poll)
-    while not request.Test():
+    while not request.Test(status):
         if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(
-                f"rank {comm.Get_rank()} waited {timeout:.0f} s at a barrier for the other "
-                f"{comm.Get_size() - 1} rank(s): one of them is stuck or far slower. Look at the other "
-                "ranks' output; pass a larger timeout= if their work really takes that long.")
+            raise TimeoutError(message())
         time.sleep(delay)
         delay = min(delay * 2, poll)
 
@@ -213,6 +226,27 @@ def node_ranks_and_cores(comm=None) -> tuple[int, int]:
         return node.Get_size(), len(set().union(*node.allgather(sorted(mine))))
     finally:
         node.Free()
+
+
+def on_first_ranks(p: int, comm, fn):
+    """``fn(sub)`` on a communicator of the first ``p`` ranks of ``comm``; its value from rank 0 on every rank.
+
+    Collective over ``comm``. The other ranks wait without spinning (``sleeping_barrier``). An
+    exception that ``fn`` raises on the ranks that run it (the same on all of them, e.g. bad input
+    checked with ``check_everywhere`` before any communication, or a divergence every rank sees) is
+    raised on every rank of ``comm`` as a ``RankError`` with its message, instead of leaving the
+    waiting ranks waiting. Notebooks 04, 06 and 08 trace and compare runs on fewer ranks than engines.
+    """
+    out, error = None, None
+    with first_ranks(p, comm) as sub:
+        if sub is not None:
+            try:
+                out = fn(sub)
+            except Exception as exc:  # noqa: BLE001 - reported on every rank below
+                error = str(exc) if isinstance(exc, RankError) else f"{type(exc).__name__}: {exc}"
+    sleeping_barrier(comm)
+    check_all(error is None, error, comm)
+    return world(comm).bcast(out, root=0)
 
 
 # --------------------------------------------------------------------------- ending a job

@@ -332,6 +332,41 @@ def preflight(n: int = 2, mpiexec: str | None = None, *, check_ranks: bool = Tru
     return info
 
 
+# --------------------------------------------------------------------------- benchmark scripts
+def worker_options(parser) -> None:
+    """Add the hidden ``--worker`` and ``--out`` options of a benchmark script that runs itself under mpiexec."""
+    import argparse
+
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+
+
+def run_worker(n: int, script, *args, timeout: float, env: dict | None = None, cwd=None) -> dict:
+    """``mpiexec -n n python script --worker --out FILE *args`` with a deadline; the JSON that rank 0 wrote.
+
+    ``env``: variables added to the launch's environment (e.g. ``PYTHONPATH``). A failure or a
+    timeout ends the calling script with the command and the ranks' output (``SystemExit``).
+    """
+    import json
+    import tempfile
+
+    from ppu_lab.procs import run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        launch = mpiexec_command(n, sys.executable, str(script), "--worker", "--out", str(out), *map(str, args))
+        full_env = launch.environ()
+        full_env.update(env or {})
+        try:
+            proc = run(launch.cmd, timeout, cwd=cwd, env=full_env)
+        except subprocess.TimeoutExpired as exc:
+            raise SystemExit(f"{' '.join(launch.cmd)} did not finish in {timeout:g} s (stopped; raise --timeout):\n"
+                             f"{exc.output}\n{exc.stderr}") from None
+        if proc.returncode != 0 or not out.exists():
+            raise SystemExit(f"{' '.join(launch.cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return json.loads(out.read_text())
+
+
 if __name__ == "__main__":  # which MPI this Python would use: python -m ppu_lab.mpiexec
     exe = find_mpiexec()
     print(f"mpiexec {exe} ({' '.join(mpi_flavor(exe)) if exe else 'not found'}); "

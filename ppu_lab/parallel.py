@@ -216,7 +216,7 @@ def _epoch_end(w, J_part, J_ref, lr, lam, epoch, X, comm, history, start, batch_
     raise ridge.DivergenceError(comm.bcast(message, root=0) or f"SGD diverged at epoch {epoch}: J(w) = {J:.3g}")
 
 
-def sgd_allreduce(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, w0=None, *, lr_decay=0.0):
+def sgd_allreduce(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, w0=None, *, lr_decay=0.0, timer=None):
     """Data-parallel minibatch SGD, the better design: no data movement, one Allreduce per step.
 
     Every rank holds the whole data set (the same X, y), draws the same global minibatch from the
@@ -227,6 +227,8 @@ def sgd_allreduce(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, w0=None,
     (a ValueError naming the rank) on every rank; a failure inside a step turns that rank's
     gradient into NaN, which the Allreduce carries to all ranks, and every rank then raises
     ``RankError`` with the failing rank's message. Returns ``ParallelSGDResult`` (notebook 04).
+    ``timer``: the ``Timer`` that times the steps (default a new one); a ``timeline.Tracer`` records
+    every rank's spans as well.
     """
     comm = world(comm)
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -238,7 +240,8 @@ def sgd_allreduce(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, w0=None,
     start = time.perf_counter()
     J0 = _epoch_end(w, J_part(w), np.inf, lr, lam, 0, X, comm, history, start, batch_size)
     J_ref = max(J0, 0.5 * float(y @ y))
-    timer, guard, buf = Timer(), _Guard(), np.empty(d)     # buf: the (d,) Allreduce buffer
+    timer = Timer() if timer is None else timer
+    guard, buf = _Guard(), np.empty(d)                     # buf: the (d,) Allreduce buffer
     with np.errstate(over="ignore", invalid="ignore"):
         for epoch in range(1, epochs + 1):
             rate = ridge.learning_rate(lr, epoch, lr_decay)
@@ -250,7 +253,8 @@ def sgd_allreduce(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, w0=None,
     return _result(w, history, timer, size, "allreduce")
 
 
-def sgd_scatter_allgather(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, w0=None, *, lr_decay=0.0):
+def sgd_scatter_allgather(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, w0=None, *, lr_decay=0.0,
+                          timer=None):
     """Data-parallel minibatch SGD, the course's design: rank 0 scatters each minibatch.
 
     Rank 0 holds the data (other ranks may pass ``X=None, y=None``; rank 0 keeps a packed copy
@@ -259,7 +263,7 @@ def sgd_scatter_allgather(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, 
     shards of ``shard_counts(|B|, p)`` (uneven when p does not divide |B|), the shard gradients,
     ``Allgather``, and the same sum and update on every rank.
 
-    Errors are handled as in ``sgd_allreduce``. Returns ``ParallelSGDResult`` (notebook 04).
+    Errors and ``timer`` are handled as in ``sgd_allreduce``. Returns ``ParallelSGDResult`` (notebook 04).
     """
     comm = world(comm)
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -271,7 +275,8 @@ def sgd_scatter_allgather(X, y, lam, lr, batch_size, epochs, seed=0, comm=None, 
     start = time.perf_counter()
     J0 = _epoch_end(w, J_part(w), np.inf, lr, lam, 0, X, comm, history, start, batch_size)
     J_ref = comm.bcast(max(J0, 0.5 * float(y @ y)) if rank == 0 else None, root=0)
-    timer, guard, gathered = Timer(), _Guard(), np.empty((size, d))  # gathered: (p, d) shard gradients
+    timer = Timer() if timer is None else timer
+    guard, gathered = _Guard(), np.empty((size, d))        # gathered: (p, d) shard gradients
     with np.errstate(over="ignore", invalid="ignore"):
         for epoch in range(1, epochs + 1):
             rate = ridge.learning_rate(lr, epoch, lr_decay)

@@ -38,15 +38,16 @@ from ppu_lab.config import limit_threads
 from ppu_lab.models import build_model
 from ppu_lab.ridge import DivergenceError
 from ppu_lab.steplog import DIVERGENCE_LOSS, StepLog, TrainResult, diverging
+from ppu_lab.timing import no_timer
 from ppu_lab.trainconfig import DEFAULT_LR, TrainConfig
 
 __all__ = ["train", "TrainConfig", "TrainResult", "DEFAULT_LR", "DIVERGENCE_LOSS", "evaluate_accuracy",
-           "correct_per_image"]
+           "correct_per_image", "sgd_update", "local_shard"]
 
 EVAL_CHUNK = 1000  # test images per forward pass (bounds the CNN's activation memory)
 
 
-def train(model=None, data=None, config: TrainConfig | None = None, *, comm=None, progress=True,
+def train(model=None, data=None, config: TrainConfig | None = None, *, comm=None, progress=True, timer=None,
           **settings) -> TrainResult:
     """Train ``model`` ("ann" or "cnn") with minibatch SGD, data-parallel over ``comm`` (None: serial).
 
@@ -73,6 +74,8 @@ def train(model=None, data=None, config: TrainConfig | None = None, *, comm=None
     max_steps: stop after this many steps in total (the last epoch is then partial).
     evaluate: compute the test accuracy after each epoch (in parallel: each rank a shard, counts summed).
     progress: a progress bar and one line per epoch on rank 0.
+    timer: a ``Timer``-like hook (``timer(name)`` returns a context manager) around each step's
+        "compute", "comm" and "update" phases, e.g. a ``timeline.Tracer``; None (default) adds nothing.
 
     Divergence (a non-finite or exploding loss on any rank) raises ``DivergenceError`` on every rank in
     the same step: the loss travels in the same Allreduce as the gradient, so all ranks see it.
@@ -89,10 +92,10 @@ def train(model=None, data=None, config: TrainConfig | None = None, *, comm=None
                   f"ranks were given different data (train/test sizes per rank: {all_sizes}); "
                   f"every rank must load the same data set", comm)
     with limit_threads(cfg.thread_count, import_torch=cfg.model == "cnn"):
-        return _train(cfg, data, comm, progress)
+        return _train(cfg, data, comm, progress, no_timer if timer is None else timer)
 
 
-def _train(cfg: TrainConfig, data, comm, progress) -> TrainResult:
+def _train(cfg: TrainConfig, data, comm, progress, timer) -> TrainResult:
     """The training loop: shard, local gradient, one collective, the update (see the module docstring)."""
     rank, size = (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
     m = build_model(cfg.model, hidden=cfg.hidden, activation=cfg.activation, seed=cfg.seed)
@@ -109,22 +112,23 @@ def _train(cfg: TrainConfig, data, comm, progress) -> TrainResult:
         for epoch in log.epochs():
             for idx in log.minibatches(epoch, cfg.seed):
                 t0 = time.perf_counter()
-                X, y = get_shard(idx)
-                local_loss = m.loss_grad(X, y)  # gradient sum into gsum
-                grad[-1] = local_loss
+                with timer("compute"):
+                    X, y = get_shard(idx)
+                    local_loss = m.loss_grad(X, y)  # gradient sum into gsum
+                    grad[-1] = local_loss
                 t1 = time.perf_counter()
-                exchange()  # grad now holds the batch's gradient sum and loss sum
+                with timer("comm"):
+                    exchange()  # grad now holds the batch's gradient sum and loss sum
                 t2 = time.perf_counter()
-                batch_loss = float(grad[-1])
-                if cfg.learning_rate(log.steps, global_batch, per_epoch) != lr:  # once, or each warm-up step
-                    lr = cfg.learning_rate(log.steps, global_batch, per_epoch)
-                    decay = (1.0 - lr * cfg.lam / n * m.mask).astype(m.dtype)  # the L2 term in one multiply
-                if diverging(batch_loss, len(idx)):
-                    raise _diverged(batch_loss / len(idx), local_loss, epoch, log.steps + 1, size, rank, lr,
-                                    len(idx))
-                np.multiply(theta, decay, out=theta)  # theta *= 1 - lr*lam/N*mask
-                np.multiply(gsum, lr / len(idx), out=step_buf)
-                theta -= step_buf  # theta -= lr/|B| * sum grad
+                with timer("update"):
+                    batch_loss = float(grad[-1])
+                    if cfg.learning_rate(log.steps, global_batch, per_epoch) != lr:  # once, or each warm-up step
+                        lr = cfg.learning_rate(log.steps, global_batch, per_epoch)
+                        decay = (1.0 - lr * cfg.lam / n * m.mask).astype(m.dtype)  # the L2 term in one multiply
+                    if diverging(batch_loss, len(idx)):
+                        raise _diverged(batch_loss / len(idx), local_loss, epoch, log.steps + 1, size, rank, lr,
+                                        len(idx))
+                    sgd_update(theta, gsum, decay, lr / len(idx), step_buf)
                 log.step(len(idx), batch_loss, total=time.perf_counter() - t0, compute=t1 - t0, comm=t2 - t1)
             if not np.isfinite(theta).all():  # identical on every rank, so every rank raises
                 raise DivergenceError(f"training diverged in epoch {epoch}: non-finite parameters "
@@ -132,6 +136,14 @@ def _train(cfg: TrainConfig, data, comm, progress) -> TrainResult:
             correct = correct_per_image(m, x_te, y_te, comm) if cfg.evaluate else None
             log.end_epoch(float("nan") if correct is None else float(correct.mean()), correct=correct)
     return log.result(np.array(theta, copy=True), cfg.describe(size, n, len(y_te)))
+
+
+def sgd_update(theta, gsum, decay, rate, buf):
+    """The step, in place: theta <- theta * decay - rate * gsum (``rate = lr / |B|``; ``decay`` folds in the
+    L2 term, ``1 - lr * lam / N * mask``). ``buf``: scratch like theta. Also the step of ``ppu_lab.designs``."""
+    np.multiply(theta, decay, out=theta)
+    np.multiply(gsum, rate, out=buf)
+    theta -= buf
 
 
 def _diverged(mean_loss, local_loss, epoch, step, size, rank, lr, b):
@@ -151,7 +163,7 @@ def _diverged(mean_loss, local_loss, epoch, step, size, rank, lr, b):
 def _design(design, grad, x, y, comm, size, rank, global_batch):
     """``(exchange, get_shard)`` of a design: the collective on ``grad`` and how a rank gets its rows."""
     if design == "allreduce":
-        return _make_allreduce(grad, comm), _local_shard(x, y, size, rank, global_batch)
+        return _make_allreduce(grad, comm), local_shard(x, y, size, rank, global_batch)
     return _make_allgather(grad, comm, size), _scatter_shard(x, y, comm, size, rank, global_batch)
 
 
@@ -173,8 +185,8 @@ def _make_allgather(grad, comm, size):
     return lambda: sum_by_allgather(grad, comm, gathered, out=grad)  # rank order: the same sum on every rank
 
 
-def _local_shard(x, y, size, rank, global_batch):
-    """This rank's rows of each global minibatch, gathered into two buffers allocated once.
+def local_shard(x, y, size, rank, global_batch):
+    """``get(idx)``: this rank's rows of a global minibatch ``idx``, gathered into two buffers allocated once.
 
     ``np.take(..., out=)`` into a preallocated buffer: no allocation per step, and about 5x faster than
     indexing a torch tensor with a NumPy index array (which converts the index and allocates the
@@ -208,7 +220,7 @@ def _local_shard(x, y, size, rank, global_batch):
 def _scatter_shard(x, y, comm, size, rank, global_batch):
     """The course's design: rank 0 packs the minibatch and Scatterv's it; others receive their shard."""
     if comm is None:
-        return _local_shard(x, y, 1, 0, global_batch)
+        return local_shard(x, y, 1, 0, global_batch)
     from ppu_lab.mpi import mpi_dtype, shard_counts, shard_displs
 
     is_torch = not isinstance(x, np.ndarray)
