@@ -21,6 +21,7 @@ Modules, and the notebook that explains each:
 - ``ppu_lab.experiments``  the course's experiment grid, resumable results     (07)
 - ``ppu_lab.slurm``        the same engines and experiments through Slurm      (README, "Running on a cluster")
 - ``ppu_lab.plotting``     figures (take and return a matplotlib Axes)
+- ``ppu_lab.exercises``    graded exercises: checks with feedback, the student edition, the grader (docs/instructor.md)
 
 Submodules are imported on demand (``from ppu_lab import ridge``), so importing the
 package does not load MPI or PyTorch.

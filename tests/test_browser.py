@@ -113,7 +113,7 @@ def _run_all(page, url) -> None:
     page.wait_for_selector(f"{PANEL} .jp-Cell", timeout=60_000)
     page.get_by_text("(ipykernel) | Idle").first.wait_for(timeout=60_000)      # the kernel is up
     deadline = time.monotonic() + RUN_DEADLINE
-    for attempt in range(3):
+    for _ in range(3):                                   # a click can land before the menu is ready
         page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
         page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
         page.wait_for_timeout(5_000)
@@ -146,27 +146,26 @@ def _saved_errors(path: Path) -> list:
             if o.get("output_type") == "error"]
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_student_edition_in_jupyterlab_says_not_attempted_and_shows_no_traceback(lab, browser, name):
+def _run_in_browser(lab, browser, folder, name) -> tuple[str, list]:
+    """Run All in JupyterLab; return (the text of every output on the page, the saved error outputs)."""
     base, token, root = lab
     page = browser.new_page()
-    _run_all(page, f"{base}/lab/tree/student/{name}.ipynb?token={token}")
+    _run_all(page, f"{base}/lab/tree/{folder}/{name}.ipynb?token={token}")
     text = "\n".join(page.eval_on_selector_all(f"{PANEL} .jp-OutputArea-output", "els => els.map(e => e.innerText)"))
     page.close()
     _shutdown_kernels(base, token)
-    assert "Traceback" not in text
+    return text, _saved_errors(root / folder / f"{name}.ipynb")
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_student_edition_in_jupyterlab_says_not_attempted_and_shows_no_traceback(lab, browser, name):
+    text, errors = _run_in_browser(lab, browser, "student", name)
+    assert "Traceback" not in text and errors == []
     assert text.count("not attempted yet") >= len(book(name).exercises), text[-2000:]
-    assert _saved_errors(root / "student" / f"{name}.ipynb") == []
 
 
 @pytest.mark.parametrize("name", INSTRUCTOR)
 def test_instructor_edition_in_jupyterlab_shows_no_error(lab, browser, name):
-    base, token, root = lab
-    page = browser.new_page()
-    _run_all(page, f"{base}/lab/tree/instructor/{name}.ipynb?token={token}")
-    text = "\n".join(page.eval_on_selector_all(f"{PANEL} .jp-OutputArea-output", "els => els.map(e => e.innerText)"))
-    page.close()
-    _shutdown_kernels(base, token)
-    assert "Traceback" not in text and "not attempted yet" not in text
+    text, errors = _run_in_browser(lab, browser, "instructor", name)
+    assert "Traceback" not in text and "not attempted yet" not in text and errors == []
     assert text.count("passed") >= len(book(name).exercises), text[-2000:]
-    assert _saved_errors(root / "instructor" / f"{name}.ipynb") == []

@@ -195,7 +195,7 @@ def test_student_edition_differs_only_in_solutions_and_hidden_tests(path):
     kept = [c for c in teacher["cells"] if edition.HIDDEN not in edition.tags(c)]
     assert len(student["cells"]) == len(kept)
     assert {k: v for k, v in student.items() if k != "cells"} == {k: v for k, v in teacher.items() if k != "cells"}
-    for t, s in zip(kept, student["cells"]):
+    for t, s in zip(kept, student["cells"], strict=True):
         assert (t.get("id"), t["cell_type"], t["metadata"]) == (s.get("id"), s["cell_type"], s["metadata"])
         if edition.SOLUTION in edition.tags(t):
             assert "BEGIN SOLUTION" not in _src(s) and "raise NotImplementedError(\"Student exercise: " in _src(s)

@@ -31,10 +31,10 @@ MISTAKE = '''def minibatch_gradient(w, X, y, lam, idx):
 
 LOOP = '''def sgd_decay(X, y, lam, lr, batch_size, epochs, seed=0, decay=1.0):
     """Never returns, and a bare except swallows the check's own time limit: only the grader can stop it."""
-    w = np.zeros(X.shape[1])
     while True:
         try:
-            w = w + 0.0
+            while True:
+                pass
         except:  # noqa: E722
             pass'''
 
@@ -48,7 +48,8 @@ HUNG = '''def my_share(n):
 
 
 def _plant(nb: dict, name: str, source: str) -> dict:
-    cell = next(c for c in nb["cells"] if edition.SOLUTION in edition.tags(c) and f"def {name}(" in "".join(c["source"]))
+    cell = next(c for c in nb["cells"]
+                if edition.SOLUTION in edition.tags(c) and f"def {name}(" in "".join(c["source"]))
     cell["source"] = source
     return nb
 

@@ -15,7 +15,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     st = sub.add_parser("student", help="write the student edition: solutions stubbed, hidden tests removed")
     st.add_argument("--src", type=Path, default=ROOT / "notebooks", help="instructor notebooks (default: notebooks/)")
-    st.add_argument("--out", type=Path, default=ROOT / "dist" / "student", help="where to write (default: dist/student/)")
+    st.add_argument("--out", type=Path, default=ROOT / "dist" / "student",
+                    help="where to write (default: dist/student/)")
     gr = sub.add_parser("grade", help="grade SUBMISSIONS/<student>/*.ipynb; write grades.csv and feedback/")
     gr.add_argument("submissions", type=Path)
     gr.add_argument("--out", type=Path, default=None, help="where to write (default: SUBMISSIONS/grades/)")

@@ -236,9 +236,11 @@ class Exercise:
         except _Raised as exc:
             return self._verdict(FAILED, f"Case '{cases[done].description}': {exc.args[0]}", done)
         except _TimedOut:
-            after = " The engines are still busy: run `cl.restart()` before you try again." if self.engines else ""
-            return self._verdict(TIMED_OUT, f"Case '{cases[done].description}' did not finish within {limit:g} s: "
-                                            f"an infinite loop, or a collective that not every rank calls?{after}", done)
+            after = (" The engines are still busy: `cl.restart()` gives fresh ones (then run the cells that set "
+                     "them up again)." if self.engines else "")
+            return self._verdict(TIMED_OUT, f"Case '{cases[done].description}' did not finish within {limit:g} "
+                                            f"s: an infinite loop, or a collective that not every rank calls?{after}",
+                                 done)
         except Exception as exc:  # noqa: BLE001 - a check that cannot run says why, not with a traceback
             return self._verdict(FAILED, f"Case '{cases[done].description}': the check could not run "
                                          f"({type(exc).__name__}: {exc})", done)

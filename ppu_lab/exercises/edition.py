@@ -63,7 +63,8 @@ def strip_solutions(text: str, cell_type: str, where: str = "") -> tuple[str, in
             inside, regions = True, regions + 1
             if cell_type == "code":
                 ind, hint = m.group("indent"), (m.group("hint") or DEFAULT_HINT).strip()
-                out += [f"{ind}...  # your code here", f"{ind}raise NotImplementedError({json.dumps('Student exercise: ' + hint)})"]
+                stub = json.dumps("Student exercise: " + hint)
+                out += [f"{ind}...  # your code here", f"{ind}raise NotImplementedError({stub})"]
             else:
                 out.append("*(your answer)*")
         elif end.match(line):

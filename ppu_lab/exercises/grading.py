@@ -132,7 +132,8 @@ def _grade_cell(run, client, name) -> None:
         if ex.engines and fb.status == TIMED_OUT:
             raise _Restart("engines stuck")
     else:
-        err = next((f"{o['ename']}: {o['evalue']}" for o in cell.outputs if o.get("output_type") == "error"), "no verdict")
+        errors = [f"{o['ename']}: {o['evalue']}" for o in cell.outputs if o.get("output_type") == "error"]
+        err = errors[0] if errors else "no verdict"
         run.verdicts[name] = ex._verdict("failed", f"the grader could not check it ({err})")
 
 

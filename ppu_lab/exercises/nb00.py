@@ -15,7 +15,7 @@ check, require = BOOK.check, BOOK.require
 
 share_ex = BOOK.exercise(
     "my_share", points=1, time_limit=20, engines=True, needs=("cl",),
-    hint="divmod(n, size) gives the base share and the remainder; ranks below the remainder take one more.")
+    hint="every item goes to exactly one rank, and the first n % size ranks take one more than the others.")
 
 
 def _share_case(n):

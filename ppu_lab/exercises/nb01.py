@@ -18,8 +18,8 @@ check, require = BOOK.check, BOOK.require
 # --------------------------------------------------------------------------- exercise 1
 grad_ex = BOOK.exercise(
     "minibatch_gradient", points=2, time_limit=20, forbid=("combine", "data_gradient", "gradient"),
-    hint="g_B = (N/|B|) * sum over the rows i in idx of -(y_i - w.x_i) x_i, then + lam * w once "
-         "(section 4). N is the number of rows of X, |B| the number of indices in idx.")
+    hint="J is a sum over all N rows of X: the batch's sum estimates it only once scaled (section 4). "
+         "The penalty is not a sum over samples. |B| is the number of indices in idx.")
 
 
 def _gradient_case(n, d, batch, lam, seed, as_list=False):
@@ -58,8 +58,8 @@ grad_ex.case("lam = 0, idx given as a list", hidden=True)(_gradient_case(500, 6,
 # --------------------------------------------------------------------------- exercise 2
 sgd_ex = BOOK.exercise(
     "sgd_decay", points=2, time_limit=30, forbid=("sgd",),
-    hint="for epoch t = 1, 2, ...: step = lr / (1 + decay * (t - 1)); for each idx in "
-         "ridge.minibatches(N, batch_size, seed, t): w = w - step * g_B(w) with |B| = len(idx).")
+    hint="epochs are numbered from 1, and each epoch draws its own minibatches from (seed, epoch); every "
+         "sample is used once per epoch, and the last batch may be shorter than batch_size.")
 
 
 def _sgd_variant(X, y, lam, lr, b, epochs, seed, decay, *, rate_epoch=0, batch_epoch=None,

@@ -39,8 +39,8 @@ def _pair(got, names):
 # --------------------------------------------------------------------------- exercise 1: output layer
 out_ex = BOOK.exercise(
     "output_layer_grads", points=1, time_limit=20,
-    hint="W2 is (10, h): its gradient is a (10, h) sum over the batch of outer products delta_2,i a_i^T; "
-         "b2's gradient sums delta_2 over the batch (section 3).")
+    hint="a parameter's gradient has the parameter's shape (W2 is (10, h)), and the loss is a sum over the "
+         "batch, so is its gradient (section 3).")
 
 
 def _output_case(h, batch, seed):
@@ -64,8 +64,8 @@ out_ex.case("h = 10 (W2 is square), a batch of 8", hidden=True)(_output_case(10,
 # --------------------------------------------------------------------------- exercise 2: hidden layer
 hidden_ex = BOOK.exercise(
     "hidden_layer_grads", points=3, time_limit=30,
-    hint="delta_1 = (delta_2 W2) * sigma'(Z1), and sigma'(Z1) = A (1 - A) for the sigmoid; then W1's gradient "
-         "is delta_1^T X (shape (h, 784)) and b1's is delta_1 summed over the batch.")
+    hint="go back one layer at a time (section 3): through W2 (write the shapes down), then through the "
+         "sigmoid (its derivative written with A), then to W1 and b1; each gradient has its parameter's shape.")
 
 
 def _hidden_variants(d2, W2, A, X):
@@ -117,8 +117,8 @@ hidden_ex.case("h = 3, one image, against torch.autograd", hidden=True)(_hidden_
 # --------------------------------------------------------------------------- exercise 3: on the engines
 acc_ex = BOOK.exercise(
     "parallel_accuracy", points=2, time_limit=30, engines=True, needs=("cl",), by_name=True,
-    hint="each rank counts the correct answers of its shard; one comm.Allreduce(MPI.IN_PLACE, correct, "
-         "op=MPI.SUM) adds the counts of all ranks, on every rank; divide by the size of the whole test set.")
+    hint="every rank must hold the count of the whole test set (one buffer-based collective that every rank "
+         "calls) before dividing by the size of the whole set.")
 
 
 def _accuracy_case(n, seed):
