@@ -301,6 +301,8 @@ def on_engines(cl, fn, *args, comm_arg: bool = False) -> list:
     """
     import ipyparallel as ipp
 
+    if cl is None or not getattr(cl, "running", False):
+        raise _Raised("this check runs on the MPI engines: start them first (the cell with `cl = MPICluster(...)`)")
     target = ipp.Reference(fn) if isinstance(fn, str) else getattr(fn, "__wrapped__", fn)  # the engines report
     name = fn if isinstance(fn, str) else getattr(fn, "__name__", "function")
     try:

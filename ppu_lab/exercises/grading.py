@@ -31,9 +31,14 @@ from ppu_lab.exercises.edition import CHECK, HIDDEN, SOLUTION, tags
 from ppu_lab.procs import kill_tree
 
 CELL_TIMEOUT = 300.0        # seconds for a cell that is not part of an exercise
-GRACE = 15.0                # extra seconds on top of an exercise's own limit, before the kernel is killed
 MAX_RESTARTS = 6            # kernels per notebook
 CHECK_CALL = re.compile(r"""\b(?:check|require)\(\s*["']?(\w+)""")
+
+
+def backstop(limit: float) -> float:
+    """Seconds before the grader kills a kernel whose check has not returned: the check's own limit
+    (its alarm in the kernel) plus as much again, at least 5 and at most 15 s."""
+    return limit + max(5.0, min(15.0, limit))
 
 
 def report(token, notebook, name, namespace) -> None:
@@ -109,7 +114,7 @@ def _execute(client, cell, index, timeout) -> None:
     try:
         client.execute_cell(cell, index)
     except (CellTimeoutError, DeadKernelError, TimeoutError) as exc:
-        raise _Restart(type(exc).__name__) from None
+        raise _Restart(f"cell {index} hung ({type(exc).__name__})") from None
 
 
 def _grade_cell(run, client, name) -> None:
@@ -120,17 +125,17 @@ def _grade_cell(run, client, name) -> None:
         f"from ppu_lab.exercises.grading import report as _ppu_report\n"
         f"_ppu_report({run.token!r}, {ex.notebook!r}, {name!r}, globals())")
     try:
-        _execute(client, cell, 0, ex.limit + GRACE)
+        _execute(client, cell, 0, backstop(ex.limit))
     except _Restart:
-        run.verdicts[name] = ex._verdict(TIMED_OUT, f"did not finish within {ex.limit + GRACE:g} s: "
+        run.verdicts[name] = ex._verdict(TIMED_OUT, f"did not finish within {backstop(ex.limit):g} s: "
                                                     "an infinite loop, or a collective that not every rank calls?")
-        raise
+        raise _Restart(f"the check of {name} hung past its time limit") from None
     text = "".join(o.get("text", "") for o in cell.outputs if o.get("output_type") == "stream")
     rows = [ln[len(run.token):] for ln in text.splitlines() if ln.startswith(run.token)]
     if rows:
         run.verdicts[name] = fb = Feedback(**json.loads(rows[-1]))
         if ex.engines and fb.status == TIMED_OUT:
-            raise _Restart("engines stuck")
+            raise _Restart(f"{name} left the MPI engines stuck")
     else:
         errors = [f"{o['ename']}: {o['evalue']}" for o in cell.outputs if o.get("output_type") == "error"]
         err = errors[0] if errors else "no verdict"
@@ -146,7 +151,7 @@ def _run_cells(run, client, plan, env) -> None:
             continue
         cell = run.nb.cells[index]
         solution_of = next((n for n in run.exercises if SOLUTION in tags(cell) and f"def {n}(" in cell.source), None)
-        limit = run.exercises[solution_of].limit + GRACE if solution_of else CELL_TIMEOUT
+        limit = backstop(run.exercises[solution_of].limit) if solution_of else CELL_TIMEOUT
         try:
             _execute(client, cell, index, limit)
         except _Restart:
@@ -195,8 +200,9 @@ def grade_notebook(path: Path, student: str = "", env: dict | None = None) -> tu
                 done = set(run.replay) | run.skipped
                 _run_cells(run, client, [(i, n) for i, n in plan if i not in done], env)
                 break
-            except _Restart:
+            except _Restart as why:
                 run.restarts += 1
+                run.notes.append(f"fresh kernel and engines after: {why} (the cells before were run again)")
                 if run.restarts >= MAX_RESTARTS:
                     run.notes.append(f"gave up after {run.restarts} kernel restarts")
                     break
@@ -215,7 +221,13 @@ def grade_folder(submissions, out=None, env: dict | None = None, log=print) -> l
         student, lines = student_dir.name, [f"# Feedback for {student_dir.name}\n"]
         for path in sorted(student_dir.glob("*.ipynb")):
             start = time.perf_counter()
-            verdicts, notes = grade_notebook(path, student, env)
+            try:
+                verdicts, notes = grade_notebook(path, student, env)
+            except Exception as exc:  # noqa: BLE001 - one broken notebook must not stop the class's grading
+                bk = book(path.stem)
+                verdicts = [] if bk is None else [ex._verdict("not graded", f"the grader failed: {exc!r}")
+                                                  for ex in bk.exercises.values()]
+                notes = [f"could not be graded: {type(exc).__name__}: {exc}"]
             took = time.perf_counter() - start
             log(f"{student}/{path.name}: {sum(v.points for v in verdicts):g}/"
                 f"{sum(v.max_points for v in verdicts):g} points in {took:.0f} s")
