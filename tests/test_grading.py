@@ -101,7 +101,9 @@ def graded(tmp_path_factory):
 
 
 def test_untouched_student_edition_scores_zero_not_attempted(graded):
-    rows, *_ = graded
+    rows, root, *_ = graded
+    notes = (root / "grades" / "feedback" / "untouched.md").read_text()
+    assert "- note:" not in notes, "the untouched student edition should run to the end: no error, no hang"
     untouched = {ex: r for (s, ex), r in rows.items() if s == "untouched"}
     assert sorted(untouched) == sorted(["my_share", "minibatch_gradient", "sgd_decay", "output_layer_grads",
                                         "hidden_layer_grads", "parallel_accuracy"])

@@ -162,6 +162,9 @@ def _run_cells(run, client, plan, env) -> None:
                 run.verdicts[solution_of] = ex._verdict(TIMED_OUT, f"its cell did not finish within {limit:g} s")
             raise
         run.replay.append(index)
+        for o in cell.outputs:
+            if o.get("output_type") == "error":
+                run.notes.append(f"cell {index} raised {o['ename']}: {str(o['evalue'])[:200]}")
 
 
 def _replay(run, client) -> None:
