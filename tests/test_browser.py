@@ -45,6 +45,8 @@ def _skip_reason() -> str | None:
         import playwright.sync_api  # noqa: F401
     except ImportError:
         return "Playwright is not installed (pip install -e '.[test]')"
+    if not (ROOT / ".venv" / "bin" / "jupyter").exists():
+        return "`make lab` serves from the lab's .venv, which this run does not use (make venv first)"
     return None
 
 

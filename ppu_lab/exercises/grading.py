@@ -236,8 +236,8 @@ def grade_folder(submissions, out=None, env: dict | None = None, log=print) -> l
                 f"{sum(v.max_points for v in verdicts):g} points in {took:.0f} s")
             lines.append(f"## {path.name}\n")
             for v in verdicts:
-                rows.append({"student": student, "notebook": path.stem, "exercise": v.exercise, "points": v.points,
-                             "max": v.max_points, "status": v.status, "feedback": v.text().replace("\n", " | ")})
+                rows.append({"student": student, "notebook": path.stem, "exercise": v.exercise,
+                             "points": f"{v.points:g}", "max": f"{v.max_points:g}", "status": v.status, "feedback": v.text().replace("\n", " | ")})
                 lines.append(f"- **{v.exercise}**: {v.points:g}/{v.max_points:g} ({v.status})\n\n  "
                              + v.text().replace("\n", "\n  ") + "\n")
             lines += [f"- note: {n}\n" for n in notes]
