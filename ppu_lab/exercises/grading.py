@@ -215,34 +215,46 @@ def grade_notebook(path: Path, student: str = "", env: dict | None = None) -> tu
             for n in bk.exercises], run.notes
 
 
+def _safe_grade(path: Path, student: str, env) -> tuple[list, list]:
+    """grade_notebook, but a notebook the grader cannot run is 'not graded' instead of ending the run."""
+    try:
+        return grade_notebook(path, student, env)
+    except Exception as exc:  # noqa: BLE001 - one broken notebook must not stop the class's grading
+        bk = book(path.stem)
+        verdicts = [] if bk is None else [ex._verdict("not graded", f"the grader failed: {exc!r}")
+                                          for ex in bk.exercises.values()]
+        return verdicts, [f"could not be graded: {type(exc).__name__}: {exc}"]
+
+
+def _grade_student(student_dir: Path, env, log) -> tuple[list, list]:
+    """(grades.csv rows, feedback file lines) of one student's folder."""
+    student, rows, lines = student_dir.name, [], [f"# Feedback for {student_dir.name}\n"]
+    for path in sorted(student_dir.glob("*.ipynb")):
+        start = time.perf_counter()
+        verdicts, notes = _safe_grade(path, student, env)
+        log(f"{student}/{path.name}: {sum(v.points for v in verdicts):g}/"
+            f"{sum(v.max_points for v in verdicts):g} points in {time.perf_counter() - start:.0f} s")
+        lines.append(f"## {path.name}\n")
+        for v in verdicts:
+            rows.append({"student": student, "notebook": path.stem, "exercise": v.exercise, "points": f"{v.points:g}",
+                         "max": f"{v.max_points:g}", "status": v.status, "feedback": v.text().replace("\n", " | ")})
+            lines.append(f"- **{v.exercise}**: {v.points:g}/{v.max_points:g} ({v.status})\n\n  "
+                         + v.text().replace("\n", "\n  ") + "\n")
+        lines += [f"- note: {n}\n" for n in notes]
+    return rows, lines
+
+
 def grade_folder(submissions, out=None, env: dict | None = None, log=print) -> list[dict]:
     """Grade ``submissions/<student>/*.ipynb``; write grades.csv and feedback/<student>.md under ``out``."""
     submissions = Path(submissions)
     out = Path(out) if out else submissions / "grades"
     rows = []
     for student_dir in sorted(p for p in submissions.iterdir() if p.is_dir() and p != out):
-        student, lines = student_dir.name, [f"# Feedback for {student_dir.name}\n"]
-        for path in sorted(student_dir.glob("*.ipynb")):
-            start = time.perf_counter()
-            try:
-                verdicts, notes = grade_notebook(path, student, env)
-            except Exception as exc:  # noqa: BLE001 - one broken notebook must not stop the class's grading
-                bk = book(path.stem)
-                verdicts = [] if bk is None else [ex._verdict("not graded", f"the grader failed: {exc!r}")
-                                                  for ex in bk.exercises.values()]
-                notes = [f"could not be graded: {type(exc).__name__}: {exc}"]
-            took = time.perf_counter() - start
-            log(f"{student}/{path.name}: {sum(v.points for v in verdicts):g}/"
-                f"{sum(v.max_points for v in verdicts):g} points in {took:.0f} s")
-            lines.append(f"## {path.name}\n")
-            for v in verdicts:
-                rows.append({"student": student, "notebook": path.stem, "exercise": v.exercise,
-                             "points": f"{v.points:g}", "max": f"{v.max_points:g}", "status": v.status, "feedback": v.text().replace("\n", " | ")})
-                lines.append(f"- **{v.exercise}**: {v.points:g}/{v.max_points:g} ({v.status})\n\n  "
-                             + v.text().replace("\n", "\n  ") + "\n")
-            lines += [f"- note: {n}\n" for n in notes]
+        student_rows, lines = _grade_student(student_dir, env, log)
+        rows += student_rows
         (out / "feedback").mkdir(parents=True, exist_ok=True)
-        (out / "feedback" / f"{student}.md").write_text("\n".join(lines), encoding="utf-8")
+        (out / "feedback" / f"{student_dir.name}.md").write_text("\n".join(lines), encoding="utf-8")
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / "grades.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, ["student", "notebook", "exercise", "points", "max", "status", "feedback"])
         w.writeheader()
