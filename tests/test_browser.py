@@ -118,10 +118,15 @@ def _run_all(page, url) -> None:
     for _ in range(3):                                   # a click can land before the menu is ready
         page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
         page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
-        page.wait_for_timeout(5_000)
-        prompts = page.eval_on_selector_all(f"{PANEL} .jp-CodeCell .jp-InputPrompt", PROMPTS)
-        if any(p != "[ ]:" for p in prompts):
-            break
+        started = time.monotonic() + 10
+        while time.monotonic() < started:
+            prompts = page.eval_on_selector_all(f"{PANEL} .jp-CodeCell .jp-InputPrompt", PROMPTS)
+            if any(p != "[ ]:" for p in prompts):
+                break
+            page.wait_for_timeout(500)
+        else:
+            continue
+        break
     while True:
         prompts = page.eval_on_selector_all(f"{PANEL} .jp-CodeCell .jp-InputPrompt", PROMPTS)
         if prompts and all(p not in ("[*]:", "[ ]:", "") for p in prompts):

@@ -36,6 +36,7 @@ import numpy as np
 
 __all__ = ["Exercise", "Feedback", "Notebook", "compare", "on_engines", "NotAttempted"]
 
+_LAB = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the ppu_lab package: not student code
 PASSED, NOT_ATTEMPTED, FAILED, TIMED_OUT, MISSING = "passed", "not attempted yet", "failed", "timed out", "missing"
 
 
@@ -120,7 +121,7 @@ def compare(got, expected, *, what="the result", rtol=1e-8, atol=0.0, mistakes=(
 # --------------------------------------------------------------------------- the student's code
 def _where(exc: BaseException) -> str:
     """'line N of your cell' for the innermost frame that is not the lab's own code."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "ppu_lab" not in f.filename]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_LAB)]
     if not frames:
         return ""
     f = frames[-1]
