@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -70,8 +69,7 @@ def _minimal_steps(data, global_batch, steps, comm, lr=LR, lam=LAM):
     from ppu_lab.mpi import shard_bounds
     from ppu_lab.ridge import minibatches
 
-    torch.manual_seed(0)
-    net = make_cnn()
+    net = make_cnn(seed=0)  # ppu_lab's initial weights (CnnModel(seed=0))
     params = list(net.parameters())
     n_params = sum(p.numel() for p in params)
     flat = torch.zeros(n_params)
@@ -114,13 +112,16 @@ def _minimal_steps(data, global_batch, steps, comm, lr=LR, lam=LAM):
 
 
 def worker(args):
-    import torch
-
-    from ppu_lab.ddp import side_by_side
+    from ppu_lab.config import limit_threads
     from ppu_lab.mpi import world
 
-    torch.set_num_threads(1)
-    comm = world()
+    with limit_threads(1, import_torch=True):  # one core per rank, as train() does
+        _time_configs(args, world())
+
+
+def _time_configs(args, comm):
+    from ppu_lab.ddp import side_by_side
+
     size = comm.Get_size()
     results = {}
     for mode, batch in CONFIGS:
@@ -136,7 +137,9 @@ def worker(args):
 
 # --------------------------------------------------------------------------- driver
 def default_ranks():
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from ppu_lab.mpiexec import usable_cores
+
+    cores = usable_cores()
     ranks, p = [], 1
     while p <= cores:
         ranks.append(p)
@@ -144,22 +147,24 @@ def default_ranks():
     return ranks
 
 
-def mpiexec():
-    local = Path(sys.executable).parent / "mpiexec"
-    return str(local) if local.exists() else "mpiexec"
-
-
 def run_grid(ranks, steps, repeats, warmup, timeout):
+    from ppu_lab.mpiexec import mpiexec_command
+    from ppu_lab.procs import run
+
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for p in ranks:
             out = Path(tmp) / f"p{p}.json"
-            cmd = [mpiexec(), "-n", str(p), sys.executable, __file__, "--worker", "--out", str(out),
-                   "--steps", str(steps), "--repeats", str(repeats), "--warmup", str(warmup)]
+            job = mpiexec_command(p, sys.executable, __file__, "--worker", "--out", out, "--steps", steps,
+                                  "--repeats", repeats, "--warmup", warmup)
             print(f"running {p} rank(s) ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+            try:
+                proc = run(job.cmd, timeout, cwd=ROOT, env=job.environ())
+            except subprocess.TimeoutExpired as exc:
+                sys.exit(f"{' '.join(job.cmd)} did not finish in {timeout:g} s (stopped; raise --timeout):\n"
+                         f"{exc.output}\n{exc.stderr}")
             if proc.returncode != 0 or not out.exists():
-                sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+                sys.exit(f"{' '.join(job.cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
             rows[p] = json.loads(out.read_text())["results"]
     return rows
 

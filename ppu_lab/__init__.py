@@ -2,7 +2,7 @@
 
 Modules, and the notebook that explains each:
 
-- ``ppu_lab.config``       quick mode for tests (``PPU_LAB_QUICK``)
+- ``ppu_lab.config``       quick mode for tests (``PPU_LAB_QUICK``), ``limit_threads`` (torch/BLAS threads)
 - ``ppu_lab.timing``       the one timer helper used everywhere
 - ``ppu_lab.checks``       argument checks that name the argument and what to pass
 - ``ppu_lab.procs``        subprocesses with deadlines, stopped with their whole group; the watchdog
@@ -17,8 +17,10 @@ Modules, and the notebook that explains each:
 - ``ppu_lab.parallel``     Method 2: MPI data-parallel ridge SGD, two designs  (04)
 - ``ppu_lab.models``       the ANN (NumPy, hand backprop) and the CNN (PyTorch) (05, 06)
 - ``ppu_lab.train``        data-parallel training of both models over MPI      (05, 06)
+- ``ppu_lab.trainconfig``  ``TrainConfig``: the settings of a training run    (05-07)
+- ``ppu_lab.steplog``      ``StepLog``: epochs, step count, timings, history of a run (05, 06)
 - ``ppu_lab.ddp``          PyTorch DistributedDataParallel for comparison      (06)
-- ``ppu_lab.experiments``  the course's experiment grid, resumable results     (07)
+- ``ppu_lab.experiments``  the course's experiment grid, resumable results, analysis (07)
 - ``ppu_lab.slurm``        the same engines and experiments through Slurm      (README, "Running on a cluster")
 - ``ppu_lab.plotting``     figures (take and return a matplotlib Axes)
 - ``ppu_lab.exercises``    graded exercises: checks with feedback, the student edition, the grader (docs/instructor.md)

@@ -12,16 +12,20 @@ MPI rank and size, on 127.0.0.1 with a free port chosen by rank 0 and broadcast 
 
 from __future__ import annotations
 
-import math
 import os
 import socket
-import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
-from ppu_lab.ridge import DivergenceError, minibatches
-from ppu_lab.train import DEFAULT_LR, DIVERGENCE_LOSS, TrainResult, _check_args, evaluate_accuracy, record_epoch
+from ppu_lab.config import limit_threads
+from ppu_lab.models import make_cnn
+from ppu_lab.mpi import shard_bounds, world
+from ppu_lab.ridge import DivergenceError
+from ppu_lab.steplog import StepLog, TrainResult, diverging
+from ppu_lab.train import evaluate_accuracy
+from ppu_lab.trainconfig import TrainConfig
 
 
 def free_port(addr: str = "127.0.0.1") -> int:
@@ -41,8 +45,6 @@ def init_from_mpi(comm=None, backend: str = "gloo", addr: str = "127.0.0.1", tim
     import datetime
 
     import torch.distributed as dist
-
-    from ppu_lab.mpi import world
 
     comm = world(comm)
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -68,55 +70,46 @@ def shutdown():
         dist.destroy_process_group()
 
 
-def train_ddp(data, *, lam=5.0, lr=None, batch_size=100, batch_mode="global", epochs=1, seed=0, comm=None,
-              progress=True, max_steps=None, evaluate=True, threads=1):
-    """Train the CNN with ``DistributedDataParallel`` (gloo); same arguments and result as ``train("cnn")``.
+def train_ddp(data, config: TrainConfig | None = None, *, comm=None, progress=True, **settings) -> TrainResult:
+    """Train the CNN with ``DistributedDataParallel`` (gloo); same settings and result as ``train("cnn")``.
 
-    ``step_times`` has "total" per step; "compute" and "comm" are NaN because DDP overlaps its
+    ``config``/``settings`` as for ``ppu_lab.train.train`` (the model is the CNN; ``design`` is DDP's
+    own). ``step_times`` has "total" per step; "compute" and "comm" are NaN because DDP overlaps its
     all-reduce with backward, so the two cannot be timed apart.
     """
-    import torch
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    from tqdm import tqdm
-
-    from ppu_lab.models import make_cnn
-    from ppu_lab.mpi import shard_bounds, world
-
+    cfg = (config or TrainConfig(model="cnn")).replace(**settings)
+    if cfg.model != "cnn":
+        raise ValueError(f"train_ddp trains the CNN; got model={cfg.model!r}")
     comm = world(comm)
     rank, size = init_from_mpi(comm)
-    global_batch = _check_args("cnn", data, lr, batch_size, batch_mode, epochs, "allreduce", max_steps, size)
-    lr = DEFAULT_LR["cnn"] if lr is None else float(lr)
-    if threads is not None:
-        torch.set_num_threads(int(threads))  # one core per rank (see ppu_lab.train.train)
-    torch.manual_seed(seed)  # the same initial weights as ppu_lab.models.CnnModel(seed)
-    net = make_cnn()
-    model = DDP(net)
-    n = len(data[1])
+    cfg.check_data(data, size)
+    with limit_threads(cfg.thread_count, import_torch=True):  # one core per rank (see ppu_lab.train.train)
+        return _train_ddp(cfg, data, comm, rank, size, progress)
+
+
+def _train_ddp(cfg: TrainConfig, data, comm, rank, size, progress) -> TrainResult:
+    import torch
+    from mpi4py import MPI
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    net = make_cnn(cfg.seed)  # the same initial weights as ppu_lab.models.CnnModel(seed)
+    model, n, lr = DDP(net), len(data[1]), cfg.step_size
     weights = [p for p in net.parameters() if p.dim() > 1]
     biases = [p for p in net.parameters() if p.dim() <= 1]
     # p <- p - lr * (mean grad over B + lam/N * p): ppu_lab's step on J/N, weight decay on weights only
-    opt = torch.optim.SGD([{"params": weights, "weight_decay": lam / n}, {"params": biases, "weight_decay": 0.0}],
-                          lr=lr)
+    opt = torch.optim.SGD([{"params": weights, "weight_decay": cfg.lam / n},
+                           {"params": biases, "weight_decay": 0.0}], lr=lr)
     ce = torch.nn.CrossEntropyLoss(reduction="sum")
     x_tr = torch.from_numpy(np.ascontiguousarray(data[0], dtype=np.float32).reshape(n, 1, 28, 28))
     y_tr = torch.from_numpy(np.ascontiguousarray(data[1], dtype=np.int64))
-
-    class _Eval:  # what evaluate_accuracy needs
-        predict = staticmethod(lambda X: net(X).argmax(dim=1).numpy())
-
     x_te = torch.from_numpy(np.ascontiguousarray(data[2], dtype=np.float32).reshape(-1, 1, 28, 28))
     y_te = np.ascontiguousarray(data[3], dtype=np.int64)
-    steps_per_epoch = math.ceil(n / global_batch)
-    total_steps = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
-    bar = tqdm(total=total_steps, disable=not (progress and rank == 0), desc=f"DDP x{size} ranks", unit="step",
-               file=sys.stderr, mininterval=0.5)
-    times = {"compute": [], "comm": [], "total": []}
-    history, step = [], 0
-    loss_buf = torch.zeros(1)
-    try:
-        for epoch in range(1, epochs + 1):
-            loss_sum, seen, t_epoch = 0.0, 0, time.perf_counter()
-            for idx in minibatches(n, global_batch, seed, epoch):
+    evaluator = SimpleNamespace(predict=lambda X: net(X).argmax(dim=1).numpy())  # what evaluate_accuracy needs
+    bad = 0.0  # NaN once this rank saw a diverging loss
+    with StepLog(n, cfg.global_batch(size), cfg.epochs, cfg.max_steps, show=progress and rank == 0,
+                 desc=f"DDP x{size} ranks", label="DDP epoch") as log:
+        for epoch in log.epochs():
+            for idx in log.minibatches(epoch, cfg.seed):
                 t0 = time.perf_counter()
                 lo, hi = shard_bounds(len(idx), size, rank)
                 mine = idx[lo:hi]
@@ -126,37 +119,18 @@ def train_ddp(data, *, lam=5.0, lr=None, batch_size=100, batch_mode="global", ep
                 (loss * (size / len(idx))).backward()
                 opt.step()
                 t1 = time.perf_counter()
-                times["total"].append(t1 - t0)
-                times["compute"].append(float("nan"))
-                times["comm"].append(float("nan"))
-                loss_sum += loss.item()  # this rank's shard only; summed over ranks once per epoch
-                if not math.isfinite(loss.item()) or loss.item() / max(hi - lo, 1) > DIVERGENCE_LOSS:
-                    loss_buf[0] = float("nan")
-                seen += len(idx)
-                step += 1
-                bar.update(1)
-                if step == total_steps:
-                    break
-            epoch_time = time.perf_counter() - t_epoch
-            totals = np.array([loss_sum, float(loss_buf[0])])
-            from mpi4py import MPI
-
+                if diverging(loss.item(), hi - lo):
+                    bad = float("nan")
+                log.step(len(idx), loss.item(), total=t1 - t0)  # this rank's shard loss; summed per epoch
+            totals = np.array([log.loss_sum, bad])
             comm.Allreduce(MPI.IN_PLACE, totals, op=MPI.SUM)
             if not np.isfinite(totals).all():  # checked once per epoch: DDP's step has no hook for it
                 raise DivergenceError(f"DDP training diverged in epoch {epoch} (lr={lr:g}): lower lr and retrain.")
             with torch.no_grad():
-                acc = evaluate_accuracy(_Eval, x_te, y_te, comm) if evaluate else float("nan")
-            record_epoch(history, epoch, totals[0], seen, n, acc, epoch_time,
-                         bar if progress and rank == 0 else None, label="DDP epoch")
-            if step == total_steps:
-                break
-    finally:
-        bar.close()
+                acc = evaluate_accuracy(evaluator, x_te, y_te, comm) if cfg.evaluate else float("nan")
+            log.end_epoch(acc, loss_sum=totals[0])
     params = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).numpy()
-    config = {"model": "cnn", "impl": "ddp", "lam": lam, "lr": lr, "batch_size": batch_size,
-              "batch_mode": batch_mode, "global_batch": global_batch, "epochs": epochs, "design": "ddp",
-              "seed": seed, "ranks": size, "n_train": n, "n_test": len(y_te)}
-    return TrainResult(params=params, history=history, step_times=times, config=config)
+    return log.result(params, cfg.describe(size, n, len(y_te), impl="ddp", design="ddp"))
 
 
 def side_by_side(data, *, batch_size, batch_mode="global", steps=30, warmup=5, repeats=2, lr=0.01, comm=None,
@@ -170,7 +144,6 @@ def side_by_side(data, *, batch_size, batch_mode="global", steps=30, warmup=5, r
     """
     import statistics
 
-    from ppu_lab.mpi import world
     from ppu_lab.train import train
 
     comm = world(comm)
@@ -195,7 +168,7 @@ def side_by_side_over_ranks(data, ranks, *, batch_size, batch_mode="global", com
     Returns on every rank a list of ``{"ranks": p, "ppu_lab": s, "DDP": s}`` (seconds per step).
     One set of MPI engines (of the largest size) serves every p. Notebook 06.
     """
-    from ppu_lab.mpi import first_ranks, sleeping_barrier, world
+    from ppu_lab.mpi import first_ranks, sleeping_barrier
 
     comm = world(comm)
     rows = []
@@ -216,7 +189,7 @@ def main(argv=None):
 
     from ppu_lab.config import pick
     from ppu_lab.data import load_mnist
-    from ppu_lab.mpi import mpi_main, world
+    from ppu_lab.mpi import mpi_main
     from ppu_lab.train import train
 
     ap = argparse.ArgumentParser(description=main.__doc__)

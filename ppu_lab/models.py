@@ -231,20 +231,29 @@ class AnnModel:
 CNN_NUM_PARAMS = 416 + 12_832 + 15_690  # conv1 + conv2 + linear = 28,938
 
 
-def make_cnn():
-    """The course's CNN as a ``torch.nn.Sequential`` (float32, PyTorch's default initialisation)."""
+def make_cnn(seed: int | None = None):
+    """The course's CNN as a ``torch.nn.Sequential`` (float32, PyTorch's default initialisation).
+
+    ``seed``: draw the initial weights from ``torch.manual_seed(seed)`` inside ``fork_rng``, so every
+    rank builds the same weights and the caller's global torch generator is left as it was. None:
+    draw them from the global generator, as PyTorch does.
+    """
+    import torch
     from torch import nn
 
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 5, padding=2),  # (B, 16, 28, 28)
-        nn.ReLU(),
-        nn.MaxPool2d(2),  # (B, 16, 14, 14)
-        nn.Conv2d(16, 32, 5, padding=2),  # (B, 32, 14, 14)
-        nn.ReLU(),
-        nn.MaxPool2d(2),  # (B, 32, 7, 7)
-        nn.Flatten(),  # (B, 1568)
-        nn.Linear(32 * 7 * 7, 10),  # (B, 10)
-    )
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 5, padding=2),  # (B, 16, 28, 28)
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, 16, 14, 14)
+            nn.Conv2d(16, 32, 5, padding=2),  # (B, 32, 14, 14)
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, 32, 7, 7)
+            nn.Flatten(),  # (B, 1568)
+            nn.Linear(32 * 7 * 7, 10),  # (B, 10)
+        )
 
 
 def flatten_module(module, extra: int = 0):
@@ -280,8 +289,7 @@ class CnnModel:
     def __init__(self, seed=0):
         import torch
 
-        torch.manual_seed(seed)  # the same initial weights on every rank
-        self.net = make_cnn()
+        self.net = make_cnn(seed)  # the same initial weights on every rank; global RNG untouched
         self.flat, self.flat_grad = flatten_module(self.net, extra=1)
         self.theta = self.flat.numpy()  # shares memory with the module's parameters
         self.grad = self.flat_grad.numpy()

@@ -106,25 +106,28 @@ def check_all(ok: bool, message: str, comm=None) -> None:
         raise RankError({r: m for r, m in enumerate(messages) if m is not None}, comm.Get_size())
 
 
-def check_everywhere(fn, comm=None, error=RankError, *, only_root: bool = False):
+def check_everywhere(fn, comm=None, error=RankError, *, only_root: bool = False, input_error=None):
     """Run ``fn()`` on every rank (on rank 0 alone with ``only_root``); if it raised anywhere, raise
     ``error(failures, size)`` on every rank, with each failing rank's message. Returns ``fn()``'s
     value (rank 0's, broadcast, with ``only_root``).
 
     A ValueError's message is passed on as it is; other exceptions are prefixed with their type.
+    ``input_error``: raised instead of ``error`` when every failure was a ValueError (bad input), so
+    that a caller can tell its user's mistake from a crash (the experiments' command line does).
     """
     comm = world(comm)
-    value, ok, message = None, True, ""
+    value, ok, message, bad_input = None, True, "", True
     if comm.Get_rank() == 0 or not only_root:
         try:
             value = fn()
         except Exception as exc:  # noqa: BLE001 - any failure must reach every rank, not hang them
-            ok = False
-            message = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+            ok, bad_input = False, isinstance(exc, ValueError)
+            message = str(exc) if bad_input else f"{type(exc).__name__}: {exc}"
     try:
         check_all(ok, message, comm)
     except RankError as exc:
-        raise error(exc.failures, exc.size) from None
+        inputs_only = all(comm.allgather(bad_input))  # every rank is here: collective
+        raise (input_error if input_error is not None and inputs_only else error)(exc.failures, exc.size) from None
     return comm.bcast(value, root=0) if only_root else value
 
 

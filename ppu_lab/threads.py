@@ -36,6 +36,7 @@ import numpy as np
 
 from ppu_lab import ridge
 from ppu_lab.checks import start_weights
+from ppu_lab.config import limit_threads
 from ppu_lab.mpi import shard_bounds
 from ppu_lab.ridge import SGDResult, combine, data_gradient, minibatches, sgd_step
 from ppu_lab.timing import Timer
@@ -311,7 +312,7 @@ def gil_free_fraction(fn, *args, repeat=5, blas_threads=1):
 
     spinner = threading.Thread(target=spin, name=f"{THREAD_PREFIX}-spinner")
     ratios = []
-    with _blas_limit(blas_threads):
+    with limit_threads(blas_threads):
         spinner.start()
         try:
             for _ in range(repeat):
@@ -329,15 +330,6 @@ def gil_free_fraction(fn, *args, repeat=5, blas_threads=1):
     return float(np.median(valid)) if valid else float("nan")
 
 
-def _blas_limit(blas_threads):
-    """Context that pins BLAS to ``blas_threads`` threads (None: leave BLAS as it is)."""
-    if blas_threads is None:
-        return nullcontext()
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=int(blas_threads), user_api="blas")
-
-
 def time_threads(grad_fn, w, X, y, threads=(1, 2, 4), repeat=5, blas_threads=1):
     """Seconds per data gradient of all rows of (X, y) computed by k threads, for each k in ``threads``.
 
@@ -351,7 +343,7 @@ def time_threads(grad_fn, w, X, y, threads=(1, 2, 4), repeat=5, blas_threads=1):
     timer = Timer()
     pools = {k: _executor(k) for k in set(threads)}
     try:
-        with _blas_limit(blas_threads):
+        with limit_threads(blas_threads):
             for k in threads:                                # warm-up: start the threads, touch the data
                 threaded_data_gradient(w, X, y, pools[k], k, grad_fn)
             for _ in range(repeat):
@@ -395,7 +387,7 @@ def break_even(batch_sizes, d=50, n_threads=2, repeat=7, blas_threads=1, grad_fn
     X_all, y_all, w = rng.standard_normal((sizes[-1], d)), rng.standard_normal(sizes[-1]), rng.standard_normal(d)
     serial, threaded = [], []
     timer = Timer()
-    with _executor(n_threads) as pool, _blas_limit(blas_threads):
+    with _executor(n_threads) as pool, limit_threads(blas_threads):
         for b in sizes:
             X, y = X_all[:b], y_all[:b]                     # views: no copy
             grad_fn(w, X, y), threaded_data_gradient(w, X, y, pool, n_threads, grad_fn)

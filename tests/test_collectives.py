@@ -19,7 +19,7 @@ def test_sums_equal_serial_under_mpiexec(mpirun, ranks):
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_pingpong_fit_describes_the_measurement(mpirun, ranks):
     proc = mpirun(ranks, "collectives_pingpong.py", timeout=180)  # the script asserts the fit on every rank
-    assert re.search(r"OK alpha=\S+ beta=\S+ model/measured at 1 MiB=\S+", proc.stdout), proc.stdout
+    assert re.search(r"OK alpha=\S+ beta=\S+ model/measured at 4 MiB=\S+", proc.stdout), proc.stdout
 
 
 def test_pingpong_needs_two_ranks(mpirun):

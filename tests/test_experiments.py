@@ -54,6 +54,24 @@ def test_expand_grid_is_the_product_in_rank_order():
     assert E.RunConfig("ann", 10, 2, 50).key() != E.RunConfig("ann", 10, 2, 50, epochs=2).key()
 
 
+def test_run_key_is_the_one_earlier_results_files_hold():
+    """Resume finds runs by key: the key of a configuration must not change between versions of the lab."""
+    assert E.RunConfig("ann", 10, 2, 50).key() == (
+        '{"batch_mode":"global","batch_size":50,"design":"allreduce","epochs":1,"hidden":10,"lam":5.0,"lr":null,'
+        '"max_steps":null,"model":"ann","ranks":2,"seed":0,"test_samples":null,"threads_per_rank":1,'
+        '"train_samples":null}')
+
+
+def test_run_config_gives_the_training_settings():
+    cfg = E.RunConfig("cnn", None, 4, 64, "per_rank", epochs=2, lr=0.1, threads_per_rank=2)
+    tc = cfg.train_config(evaluate=False)
+    assert (tc.model, tc.batch_size, tc.batch_mode, tc.epochs, tc.lr, tc.threads, tc.evaluate) == \
+        ("cnn", 64, "per_rank", 2, 0.1, 2, False)
+    assert tc.global_batch(cfg.ranks) == cfg.global_batch == 256
+    with pytest.raises(E.ExperimentInputError, match="threads_per_rank must be an integer >= 1"):
+        E.RunConfig("ann", 10, 1, 50, threads_per_rank=0)
+
+
 def test_parse_model_and_default_ranks():
     assert E.parse_model("ann:10") == ("ann", 10)
     assert E.parse_model("ANN") == ("ann", 50)
@@ -288,6 +306,21 @@ def test_launch_from_a_notebook_reports_failure(tmp_path):
         E.launch(1, "--models", "mlp", "--out", tmp_path / "r.jsonl", echo=False)
     out = E.launch(1, "--models", "ann:10", "--dry-run", "--quick", "--out", tmp_path / "r.jsonl", echo=False)
     assert out.count("todo") == 4 and "ranks=1" in out
+
+
+def test_launch_stops_a_silent_job_at_its_timeout(tmp_path):
+    """The deadline of launch() holds though the job prints nothing; mpiexec and its rank are stopped."""
+    import psutil
+
+    out = tmp_path / "hung.jsonl"
+    os.mkfifo(out)  # an --out that blocks its writer forever, like a hung file system: no output, no CPU
+    with pytest.raises(TimeoutError) as info:
+        E.launch(1, "--models", "ann:10", "--quick", "--out", out, timeout=5, echo=False)
+    message = str(info.value)
+    assert "did not finish within 5 s" in message and "stopped with all its ranks" in message
+    assert "launch again with the same arguments" in message
+    left = [q for q in psutil.process_iter(["pid", "cmdline"]) if str(out) in " ".join(q.info["cmdline"] or [])]
+    assert left == [], [q.info for q in left]
 
 
 def test_run_on_mpi_engines(tmp_path, mnist_root):

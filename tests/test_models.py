@@ -22,6 +22,19 @@ def test_cnn_has_28938_parameters():
     assert make_cnn()(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
 
 
+def test_cnn_seed_gives_the_same_weights_without_touching_torchs_generator():
+    """Every rank builds CnnModel(seed) with the same weights, and the caller's torch stream goes on unchanged."""
+    torch.manual_seed(11)
+    expected_next = torch.rand(3)
+    torch.manual_seed(11)
+    a, b = CnnModel(seed=3), CnnModel(seed=3)
+    np.testing.assert_array_equal(a.theta, b.theta)
+    assert torch.equal(torch.rand(3), expected_next)  # the global generator did not move
+    assert not np.array_equal(a.theta, CnnModel(seed=4).theta)
+    torch.manual_seed(3)  # the weights PyTorch draws after manual_seed(seed): what benchmarks rely on
+    np.testing.assert_array_equal(a.theta, torch.cat([p.detach().reshape(-1) for p in make_cnn().parameters()]))
+
+
 def _torch_ann(theta, h, activation):
     """The same network written with torch ops on float64 leaf tensors (for autograd)."""
     W1, b1, W2, b2 = (torch.tensor(a.copy(), requires_grad=True) for a in ann_unpack(theta, h))

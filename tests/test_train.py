@@ -10,7 +10,7 @@ import pytest
 from ppu_lab.data import load_mnist
 from ppu_lab.models import AnnModel, ann_loss_grad, combine
 from ppu_lab.ridge import DivergenceError
-from ppu_lab.train import _check_args, train
+from ppu_lab.train import TrainConfig, train
 
 spec = importlib.util.spec_from_file_location("train_equivalence",
                                               Path(__file__).parent / "mpi" / "train_equivalence.py")
@@ -153,7 +153,44 @@ def test_bad_data_and_batch_smaller_than_ranks_raise_valueerror(mnist):
     with pytest.raises(ValueError, match="data must be"):
         train("ann", (x, y), progress=False)
     with pytest.raises(ValueError, match="smaller than the number of ranks"):
-        _check_args("ann", (x, y, x, y), None, 2, "global", 1, "allreduce", None, size=4)
+        TrainConfig(batch_size=2).check_data((x, y, x, y), ranks=4)
+    assert TrainConfig(batch_size=2, batch_mode="per_rank").check_data((x, y, x, y), ranks=4) == 8
+
+
+def test_config_and_keywords_are_the_same_run(mnist):
+    """train(model, data, config, **settings): keywords override the config; unknown names are refused."""
+    x, y = mnist[0][:300], mnist[1][:300]
+    data = (x, y, x[:50], y[:50])
+    cfg = TrainConfig(model="ann", hidden=10, batch_size=50, lr=0.5, max_steps=4)
+    by_config = train(data=data, config=cfg, progress=False)
+    by_keywords = train("ann", data, hidden=10, batch_size=50, lr=0.5, max_steps=4, progress=False)
+    np.testing.assert_array_equal(by_config.params, by_keywords.params)
+    assert by_config.config["lr"] == 0.5 and by_config.config["hidden"] == 10
+    other = train(data=data, config=cfg, batch_size=100, progress=False)  # a keyword overrides the config
+    assert other.config["batch_size"] == 100 and other.summary()["steps"] == 3
+    with pytest.raises(TypeError, match="unknown training setting.*'hiden'"):
+        train("ann", data, hiden=10, progress=False)
+
+
+@pytest.mark.parametrize("model", ["ann", "cnn"])
+def test_train_leaves_the_global_random_generators_alone(mnist, model):
+    """Initial weights come from ``seed`` through local generators: the caller's np.random and torch
+    streams are the same after train() as before, and train() gives the same result whatever they hold."""
+    import torch
+
+    x, y = mnist[0][:200], mnist[1][:200]
+    data = (x, y, x[:50], y[:50])
+    np.random.seed(123)
+    torch.manual_seed(456)
+    np_state, torch_state = np.random.get_state(), torch.get_rng_state()
+    first = train(model, data, hidden=10, batch_size=50, max_steps=2, progress=False)
+    after_np, after_torch = np.random.get_state(), torch.get_rng_state()
+    assert all(np.array_equal(a, b) for a, b in zip(np_state, after_np))
+    assert torch.equal(torch_state, after_torch)
+    np.random.seed(7)  # other global states: the same training
+    torch.manual_seed(8)
+    again = train(model, data, hidden=10, batch_size=50, max_steps=2, progress=False)
+    np.testing.assert_array_equal(first.params, again.params)
 
 
 def test_ddp_trains_the_same_model_batch_and_step(mpirun, mnist_root):
