@@ -33,7 +33,7 @@ RUN    := PATH="$(abspath $(BIN)):$$PATH"
 PYTEST_ARGS ?=
 MPI4PY := $(shell grep -o '"mpi4py[^"]*"' pyproject.toml)
 
-.PHONY: lab test test-mpi venv clean-venv
+.PHONY: lab test test-mpi venv clean-venv student grade
 
 venv: $(STAMP)
 
@@ -53,8 +53,12 @@ $(STAMP): pyproject.toml
 # Jupyter refuses root unless told; containers and VMs often run as root.
 LAB_ARGS := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
+# LAB_DIR: the folder JupyterLab opens (e.g. dist/student); LAB_OPTS: extra options (port, token, ...).
+LAB_DIR  ?= notebooks
+LAB_OPTS ?=
+
 lab: $(STAMP)
-	$(RUN) $(BIN)/jupyter lab $(LAB_ARGS) notebooks/
+	$(RUN) $(BIN)/jupyter lab $(LAB_ARGS) $(LAB_OPTS) $(LAB_DIR)/
 
 # ---- make test: the whole suite once, then the MPI tests once more under the other MPI wheel ----
 # (OTHER_MPI= turns the second leg off; MPI=system has none.) The MPI tests are those marked `mpi`
@@ -94,3 +98,13 @@ test-mpi: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# ---- classroom (docs/instructor.md): the student edition, and grading -------------------------
+# make student                     notebooks/ -> dist/student/ (solutions stubbed, hidden tests removed)
+# make grade SUBMISSIONS=folder    grade folder/<student>/<notebook>.ipynb -> folder/grades/
+student: $(STAMP)
+	$(BIN)/python -m ppu_lab.exercises student
+
+grade: $(STAMP)
+	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=folder  (holding <student>/<notebook>.ipynb)"; exit 2; }
+	$(RUN) PPU_LAB_QUICK=$${PPU_LAB_QUICK:-1} MPLBACKEND=Agg $(BIN)/python -m ppu_lab.exercises grade $(SUBMISSIONS)

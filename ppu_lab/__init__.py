@@ -32,6 +32,7 @@ Modules, and the notebook that explains each:
 - ``ppu_lab.reference``    the committed reference runs the notebooks quote (``results/reference/``)
 - ``ppu_lab.plotting``     figures (take and return a matplotlib Axes)
 - ``ppu_lab.conclusion_plots``  the figures of the four conclusions, yours beside a reference (07)
+- ``ppu_lab.exercises``    graded exercises: checks with feedback, the student edition, the grader (docs/instructor.md)
 
 Submodules are imported on demand (``from ppu_lab import ridge``), so importing the
 package does not load MPI or PyTorch.

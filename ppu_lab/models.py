@@ -150,35 +150,49 @@ def combine(theta, data_grad_sum, lam, mask, n_total, n_batch, out=None):
     return out
 
 
+def ann_autograd(theta, X, y, hidden, lam=5.0, activation="sigmoid"):
+    """grad J(theta) by ``torch.autograd`` (float64): the independent reference for ``ann_gradient``.
+
+    Returns the flat gradient (same layout as ``theta``). Used by ``gradient_check`` and by the checks
+    of notebook 05's backpropagation exercises (``ppu_lab.exercises.nb05``).
+    """
+    import torch
+
+    leaves = [torch.tensor(a.copy(), requires_grad=True) for a in ann_unpack(theta, hidden)]
+    W1, b1, W2, b2 = leaves
+    act = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}[activation]
+    X = torch.from_numpy(np.asarray(X, dtype=np.float64).reshape(len(X), -1))
+    logits = act(X @ W1.T + b1) @ W2.T + b2  # (B, 10)
+    J = torch.nn.functional.cross_entropy(logits, torch.from_numpy(np.asarray(y)), reduction="sum") \
+        + lam / 2 * ((W1 ** 2).sum() + (W2 ** 2).sum())
+    J.backward()
+    return np.concatenate([t.grad.numpy().ravel() for t in leaves])
+
+
 def gradient_check(hidden=10, batch=16, activation="sigmoid", lam=5.0, seed=0, n_fd=20, eps=1e-6):
     """Check ``ann_gradient`` on random inputs: against torch.autograd, and against central differences.
 
     Returns ``{"autograd": max relative error over all parameters, "finite_differences": max relative
     error over ``n_fd`` random coordinates}`` (float64; both should be ~1e-10 or smaller). Notebook 05.
     """
-    import torch
-
     rng = np.random.default_rng(seed)
     theta = ann_init(hidden, seed) + 0.1 * rng.standard_normal(ann_num_params(hidden))  # non-zero biases
     X, y = rng.random((batch, N_IN)), rng.integers(0, N_OUT, batch)
     g = ann_gradient(theta, X, y, hidden, lam, activation)
-    leaves = [torch.tensor(a.copy(), requires_grad=True) for a in ann_unpack(theta, hidden)]
-    W1, b1, W2, b2 = leaves
-    act = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}[activation]
-    logits = act(torch.from_numpy(X) @ W1.T + b1) @ W2.T + b2  # (B, 10)
-    J = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y), reduction="sum") \
-        + lam / 2 * ((W1 ** 2).sum() + (W2 ** 2).sum())
-    J.backward()
-    ref = np.concatenate([t.grad.numpy().ravel() for t in leaves])
+    ref = ann_autograd(theta, X, y, hidden, lam, activation)
     scale = np.abs(ref).max()
     fd_err = 0.0
     for i in rng.choice(theta.size, size=n_fd, replace=False):
-        e = np.zeros_like(theta)
-        e[i] = eps
-        fd = (ann_objective(theta + e, X, y, hidden, lam, activation)
-              - ann_objective(theta - e, X, y, hidden, lam, activation)) / (2 * eps)
-        fd_err = max(fd_err, abs(fd - g[i]) / scale)
+        fd_err = max(fd_err, abs(central_difference(theta, i, X, y, hidden, lam, activation, eps) - g[i]) / scale)
     return {"autograd": float(np.abs(g - ref).max() / scale), "finite_differences": float(fd_err)}
+
+
+def central_difference(theta, i, X, y, hidden, lam=5.0, activation="sigmoid", eps=1e-6):
+    """(J(theta + eps e_i) - J(theta - eps e_i)) / 2 eps: coordinate ``i`` of grad J by finite differences."""
+    e = np.zeros_like(theta)
+    e[i] = eps
+    return (ann_objective(theta + e, X, y, hidden, lam, activation)
+            - ann_objective(theta - e, X, y, hidden, lam, activation)) / (2 * eps)
 
 
 class AnnModel:

@@ -15,6 +15,17 @@ except ModuleNotFoundError:  # Python 3.10
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+EDITIONS = [(p, e) for p in NOTEBOOKS for e in ("instructor", "student")]
+
+
+def _edition(path, edition):
+    """The notebook as committed (instructor edition), or the student edition `make student` builds."""
+    nb = json.loads(path.read_text())
+    if edition == "student":
+        from ppu_lab.exercises.edition import student_notebook
+
+        nb = student_notebook(nb, path.name)
+    return nb
 
 # pip name -> conda-forge name, where they differ
 CONDA_NAME = {"torch": "pytorch"}
@@ -74,10 +85,10 @@ def test_notebook_committed_without_outputs(path):
     assert dirty == [], f"{path.name}: cells {dirty} have outputs or execution counts; clear them before committing"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_has_the_lab_frame(path):
+@pytest.mark.parametrize("path,edition", EDITIONS, ids=lambda x: getattr(x, "name", x))
+def test_notebook_has_the_lab_frame(path, edition):
     """Objectives and time estimate at the top; summary and exercises at the end."""
-    nb = json.loads(path.read_text())
+    nb = _edition(path, edition)
     md = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"]
     top, rest = "\n".join(md[:3]).lower(), "\n".join(md).lower()
     assert "objective" in top and re.search(r"\d+\s*(min|minutes|s\b|seconds|h\b|hours)", top), \
@@ -85,10 +96,10 @@ def test_notebook_has_the_lab_frame(path):
     assert "summary" in rest and "exercise" in rest, f"{path.name}: needs a summary and exercises"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_code_cells_stay_short(path):
+@pytest.mark.parametrize("path,edition", EDITIONS, ids=lambda x: getattr(x, "name", x))
+def test_notebook_code_cells_stay_short(path, edition):
     """Logic lives in ppu_lab; notebook cells tell the story (STYLE.md)."""
-    nb = json.loads(path.read_text())
+    nb = _edition(path, edition)
     sizes = [len("".join(c["source"]).strip().splitlines()) for c in nb["cells"] if c["cell_type"] == "code"]
     assert sizes, f"{path.name} has no code"
     assert max(sizes) <= 30, f"{path.name}: a code cell has {max(sizes)} lines; move logic into ppu_lab/"

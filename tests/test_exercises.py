@@ -1,0 +1,241 @@
+"""The exercise checks catch typical mistakes with a useful message, pass the lab's own solutions, say
+"not attempted yet" to a stub, stop infinite loops and hung collectives; the student edition differs
+from the instructor edition only where solutions and hidden tests were."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ppu_lab import ridge
+from ppu_lab.exercises import edition, nb00, nb01, nb05
+from ppu_lab.exercises.core import NOT_ATTEMPTED, PASSED, TIMED_OUT
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def named(name):
+    """Give a planted function the exercise's name (the checks find the exercise by it)."""
+
+    def rename(fn):
+        fn.__name__ = name
+        return fn
+
+    return rename
+
+
+def _grad(w, X, y, lam, idx, scale=True, per_sample=False):
+    XB, yB = X[idx], y[idx]
+    s = len(y) / len(idx) if scale else 1.0
+    pen = len(idx) * lam * w if per_sample else lam * w
+    return s * (-XB.T @ (yB - XB @ w)) + (s * pen if per_sample else pen)
+
+
+# --------------------------------------------------------------------------- notebook 01
+def test_minibatch_gradient_passes_and_names_the_classic_mistakes():
+    assert nb01.require(named("minibatch_gradient")(_grad)).passed
+    fb = nb01.check(named("minibatch_gradient")(lambda w, X, y, lam, idx: _grad(w, X, y, lam, idx, scale=False)))
+    assert fb.points == 0 and "without the factor N/|B|" in fb.message and "Case 'a batch of 50" in fb.message
+    fb = nb01.check(named("minibatch_gradient")(lambda w, X, y, lam, idx: _grad(w, X, y, lam, idx, per_sample=True)))
+    assert "once per sample" in fb.message
+    # using the lab's kernel is the answer itself: all cases pass, yet no points
+    fb = nb01.check(named("minibatch_gradient")(
+        lambda w, X, y, lam, idx: ridge.combine(w, ridge.data_gradient(w, X[idx], y[idx]), lam, len(y), len(idx))))
+    assert not fb.passed and "combine" in fb.message
+
+
+def test_a_stub_is_not_attempted_an_error_names_its_line_an_infinite_loop_times_out():
+    @named("minibatch_gradient")
+    def stub(w, X, y, lam, idx):
+        ...
+        raise NotImplementedError("Student exercise: implement the minibatch gradient")
+
+    fb = nb01.check(stub)
+    assert fb.status == NOT_ATTEMPTED and fb.points == 0 and "Traceback" not in fb.text()
+
+    @named("minibatch_gradient")
+    def shapes(w, X, y, lam, idx):
+        return X[idx] @ X[idx]                       # (|B|, d) @ (|B|, d): a shape error
+
+    fb = nb01.check(shapes)
+    assert "raised ValueError" in fb.message and "X[idx] @ X[idx]" in fb.message
+
+    @named("sgd_decay")
+    def forever(*args, **kwargs):
+        while True:
+            pass
+
+    fb = nb01.BOOK.exercises["sgd_decay"].grade(forever, time_limit=1.0)
+    assert fb.status == TIMED_OUT and "did not finish within 1 s" in fb.message
+
+
+def _sgd(X, y, lam, lr, batch_size, epochs, seed=0, decay=1.0, off_by_one=False, same_batches=False):
+    n, w = len(y), np.zeros(X.shape[1])
+    for t in range(1, epochs + 1):
+        step = lr / (1 + decay * (t if off_by_one else t - 1))
+        for idx in ridge.minibatches(n, batch_size, seed, 1 if same_batches else t):
+            w = ridge.sgd_step(w, ridge.combine(w, ridge.data_gradient(w, X[idx], y[idx]), lam, n, len(idx)), step)
+    return w
+
+
+def test_sgd_loop_passes_and_names_its_mistakes():
+    assert nb01.require(named("sgd_decay")(_sgd)).passed
+    fb = nb01.check(named("sgd_decay")(lambda *a, **k: _sgd(*a, **k, off_by_one=True)))
+    assert "first epoch steps with lr itself" in fb.message
+    fb = nb01.check(named("sgd_decay")(lambda *a, **k: _sgd(*a, **k, same_batches=True)))
+    assert "same minibatches" in fb.message
+
+
+# --------------------------------------------------------------------------- notebook 05
+def _hidden(d2, W2, A, X, transposed=False, no_sigma=False):
+    d1 = (d2 @ (W2.T if transposed else W2)) * (1 if no_sigma else A * (1 - A))
+    return d1.T @ X, d1.sum(axis=0)
+
+
+def test_backprop_checks_against_autograd_and_finite_differences():
+    assert nb05.require(named("hidden_layer_grads")(_hidden)).passed
+    assert nb05.require(named("output_layer_grads")(lambda d2, A: (d2.T @ A, d2.sum(axis=0)))).passed
+    fb = nb05.check(named("hidden_layer_grads")(lambda *a: _hidden(*a, transposed=True)))
+    assert "not its transpose" in fb.message
+    fb = nb05.check(named("hidden_layer_grads")(lambda *a: _hidden(*a, no_sigma=True)))
+    assert "sigma'(Z1) is missing" in fb.message
+    fb = nb05.check(named("hidden_layer_grads")(lambda d2, W2, A, X: (X.T @ ((d2 @ W2) * A * (1 - A)), 0)))
+    assert "transpose: W1 and its gradient have shape (h, 784)" in fb.message
+    fb = nb05.check(named("output_layer_grads")(lambda d2, A: (d2.T @ A, d2.mean(axis=0))))
+    assert "mean over the batch" in fb.message
+
+
+# --------------------------------------------------------------------------- MPI engines (00 and 05)
+PX_ACCURACY = '''
+import numpy as np
+from ppu_lab.models import AnnModel
+from ppu_lab.mpi import shard_bounds
+from mpi4py import MPI
+
+def parallel_accuracy(theta, x_test, y_test, comm):
+    m = AnnModel(50)
+    m.theta[:] = theta
+    lo, hi = shard_bounds(len(y_test), comm.Get_size(), comm.Get_rank())
+    correct = np.array([(m.predict(m.prepare(x_test[lo:hi])) == y_test[lo:hi]).sum()], dtype=np.int64)
+    {collective}
+    return correct[0] / len(y_test)
+'''
+
+
+@pytest.fixture(scope="module")
+def cl():
+    from ppu_lab.cluster import MPICluster
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cluster = MPICluster(n=2).start()
+    yield cluster
+    cluster.stop()
+
+
+AS_IN_A_NOTEBOOK = '''
+def my_share(n):
+    from mpi4py import MPI
+    base, extra = divmod(n, MPI.COMM_WORLD.Get_size())
+    return base + (1 if MPI.COMM_WORLD.Get_rank() < extra else 0)
+
+def floor_share(n):
+    from mpi4py import MPI
+    return n // MPI.COMM_WORLD.Get_size()
+
+def hangs(n):
+    from mpi4py import MPI
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        MPI.COMM_WORLD.Barrier()                 # rank 1 never comes: rank 0 waits forever
+    return 0
+'''
+
+
+def notebook_functions():
+    """Functions defined as in a notebook cell (module __main__), so that the engines can unpickle them."""
+    ns = {"__name__": "__main__"}
+    exec(AS_IN_A_NOTEBOOK, ns)
+    return ns
+
+
+def test_engine_checks_catch_mistakes_and_a_hung_collective(cl):
+    f = notebook_functions()
+    assert nb00.require(f["my_share"], cl).passed
+    fb = nb00.check(named("my_share")(f["floor_share"]), cl)
+    assert "add up to 6, not 7" in fb.message
+    for collective, expect in [("comm.Allreduce(MPI.IN_PLACE, correct, op=MPI.SUM)", PASSED),
+                               ("pass", "Does every rank add the counts"),
+                               ("comm.Reduce(MPI.IN_PLACE if comm.Get_rank() == 0 else correct, correct, op=MPI.SUM)",
+                                "Allreduce, not Reduce")]:
+        cl.view.execute(PX_ACCURACY.format(collective=collective))
+        fb = nb05.BOOK.find("parallel_accuracy").grade("parallel_accuracy", cl)
+        assert fb.status == PASSED if expect == PASSED else expect in fb.message, fb.text()
+
+    fb = nb00.BOOK.exercises["my_share"].grade(named("my_share")(f["hangs"]), cl, time_limit=3)
+    assert fb.status == TIMED_OUT and "cl.restart()" in fb.message
+    cl.restart()                                     # the way out the feedback names
+    assert nb00.check(f["my_share"], cl).passed
+
+
+# --------------------------------------------------------------------------- the two editions
+def _src(cell):
+    return "".join(cell["source"])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_student_edition_differs_only_in_solutions_and_hidden_tests(path):
+    teacher = json.loads(path.read_text())
+    student = edition.student_notebook(teacher, path.name)
+    kept = [c for c in teacher["cells"] if edition.HIDDEN not in edition.tags(c)]
+    assert len(student["cells"]) == len(kept)
+    assert {k: v for k, v in student.items() if k != "cells"} == {k: v for k, v in teacher.items() if k != "cells"}
+    for t, s in zip(kept, student["cells"], strict=True):
+        assert (t.get("id"), t["cell_type"], t["metadata"]) == (s.get("id"), s["cell_type"], s["metadata"])
+        if edition.SOLUTION in edition.tags(t):
+            assert "BEGIN SOLUTION" not in _src(s) and "raise NotImplementedError(\"Student exercise: " in _src(s)
+            outside = [ln for ln in _src(t).split("\n") if ln.strip().startswith(("def ", '"""', "'''", "%%px"))]
+            assert all(ln in _src(s).split("\n") for ln in outside), "the signature and docstring stay"
+        elif "BEGIN SOLUTION" in _src(t):
+            assert "*(your answer)*" in _src(s) and "BEGIN SOLUTION" not in _src(s)
+        else:
+            assert _src(t) == _src(s)
+
+
+def test_graded_notebooks_have_a_solution_check_and_hidden_test_per_exercise():
+    from ppu_lab.exercises import CHECKS, book
+
+    for stem in CHECKS:
+        nb = json.loads((ROOT / "notebooks" / f"{stem}.ipynb").read_text())
+        for name in book(stem).exercises:
+            roles = [edition.tags(c) for c in nb["cells"]
+                     if c["cell_type"] == "code" and re.search(rf"\b{name}\b", _src(c))]
+            assert [["solution"], ["check"], ["hidden-test"]] == [r for r in roles if r], (stem, name, roles)
+
+
+def test_markers_must_balance_and_match_the_solution_tag():
+    cell = {"cell_type": "code", "metadata": {"tags": ["solution"]}, "outputs": [], "execution_count": None,
+            "source": "def f():\n    ### BEGIN SOLUTION (do it)\n    return 1\n"}
+    with pytest.raises(edition.MarkerError, match="without END SOLUTION"):
+        edition.student_notebook({"cells": [cell]})
+    cell["metadata"] = {}
+    cell["source"] += "    ### END SOLUTION\n"
+    with pytest.raises(edition.MarkerError, match="no 'solution' tag"):
+        edition.student_notebook({"cells": [cell]})
+    cell["metadata"] = {"tags": ["solution"]}
+    out = edition.student_notebook({"cells": [cell]})["cells"][0]
+    assert "".join(out["source"]) == ('def f():\n    ...  # your code here\n'
+                                      '    raise NotImplementedError("Student exercise: do it")\n')
+
+
+def test_make_student_writes_the_edition_and_dist_is_ignored(tmp_path):
+    from ppu_lab.exercises.__main__ import main
+
+    assert main(["student", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.ipynb")) == [p.name for p in NOTEBOOKS]
+    assert "dist/" in (ROOT / ".gitignore").read_text().split()
