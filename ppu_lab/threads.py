@@ -213,17 +213,9 @@ def hogwild(X, y, lam, lr, batch_size, epochs, n_threads=2, lock=False, seed=0, 
     afterwards, outside the timed run. Returns ``AsyncResult(w, history, updates, seconds)``
     with ``history`` lists ``time`` (s), ``updates`` (all threads) and ``J``.
     """
-    X, y = ridge.check_problem(X, y, lam)
-    lam = float(lam)
+    X, y, lam, k, batch_size, epochs = _check_hogwild(X, y, lam, lr, batch_size, epochs, n_threads, seed,
+                                                      grad_fn, snapshots)
     n, d = X.shape
-    k = check_n_threads(n_threads, n, what="the number of samples")
-    batch_size, epochs = ridge.check_sgd_args(n, lr, batch_size, epochs, seed=seed)
-    if batch_size > n // k:
-        raise ValueError(f"batch_size ({batch_size}) must not exceed the rows each thread holds "
-                         f"(n // n_threads = {n // k}): use fewer threads or a smaller batch_size")
-    check_grad_fn(grad_fn)
-    if isinstance(snapshots, bool) or not isinstance(snapshots, (int, np.integer)) or snapshots < 1:
-        raise ValueError(f"snapshots (how many copies of w to record) must be an integer >= 1; got {snapshots!r}")
     w = start_weights(w0, d)                                 # THE shared vector
     perm = np.random.default_rng(seed).permutation(n)
     shards = [perm[slice(*shard_bounds(n, k, t))] for t in range(k)]
@@ -256,6 +248,32 @@ def hogwild(X, y, lam, lr, batch_size, epochs, n_threads=2, lock=False, seed=0, 
                     snaps.append((time.perf_counter() - start, u, w.copy()))
 
     J0 = float(_objectives(w[None, :], X, y, lam)[0])
+    start = time.perf_counter()
+    seconds = _run_threads(worker, k, stop)
+    history = _history(snaps, X, y, lam)
+    ridge.check_divergence(history["J"][-1], max(J0, 0.5 * float(y @ y)), lr, X, lam, epochs,
+                           batch_size=batch_size)
+    return AsyncResult(w=w, history=history, updates=sum(counts), seconds=seconds)
+
+
+def _check_hogwild(X, y, lam, lr, batch_size, epochs, n_threads, seed, grad_fn, snapshots):
+    """hogwild's arguments checked: ``(X, y, lam, threads, batch_size, epochs)``."""
+    X, y = ridge.check_problem(X, y, lam)
+    n = len(y)
+    k = check_n_threads(n_threads, n, what="the number of samples")
+    batch_size, epochs = ridge.check_sgd_args(n, lr, batch_size, epochs, seed=seed)
+    if batch_size > n // k:
+        raise ValueError(f"batch_size ({batch_size}) must not exceed the rows each thread holds "
+                         f"(n // n_threads = {n // k}): use fewer threads or a smaller batch_size")
+    check_grad_fn(grad_fn)
+    if isinstance(snapshots, bool) or not isinstance(snapshots, (int, np.integer)) or snapshots < 1:
+        raise ValueError(f"snapshots (how many copies of w to record) must be an integer >= 1; got {snapshots!r}")
+    return X, y, float(lam), k, batch_size, epochs
+
+
+def _run_threads(worker, k, stop) -> float:
+    """``worker(t)`` for t < k on k threads; the seconds until all finished. When one fails, ``stop`` is
+    set so the others end, and its error is raised (with its traceback)."""
     pool, futures = _executor(k), []
     start = time.perf_counter()
     try:
@@ -267,14 +285,16 @@ def hogwild(X, y, lam, lr, batch_size, epochs, n_threads=2, lock=False, seed=0, 
         pool.shutdown(wait=True, cancel_futures=True)
     for f in futures:                                    # all finished or cancelled by now
         if not f.cancelled() and f.exception() is not None:
-            raise f.exception()                          # the worker's error, with its traceback
-    snaps.sort(key=lambda s: s[1])
+            raise f.exception()
+    return seconds
+
+
+def _history(snaps, X, y, lam) -> dict:
+    """J of the recorded copies of w, computed after the timed run, in update order."""
+    snaps = sorted(snaps, key=lambda s: s[1])
     with np.errstate(over="ignore", invalid="ignore"):
         J = _objectives(np.array([s[2] for s in snaps]), X, y, lam)
-    history = {"time": [s[0] for s in snaps], "updates": [s[1] for s in snaps], "J": [float(v) for v in J]}
-    ridge.check_divergence(history["J"][-1], max(J0, 0.5 * float(y @ y)), lr, X, lam, epochs,
-                           batch_size=batch_size)
-    return AsyncResult(w=w, history=history, updates=sum(counts), seconds=seconds)
+    return {"time": [s[0] for s in snaps], "updates": [s[1] for s in snaps], "J": [float(v) for v in J]}
 
 
 # --------------------------------------------------------------------------- the GIL, measured

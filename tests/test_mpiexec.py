@@ -182,3 +182,22 @@ def test_preflight_is_cached(monkeypatch):
     assert preflight(2)["mpiexec"] == first["mpiexec"]
 
 
+
+
+def test_slurm_job_line_uses_the_command_builder(tmp_path, monkeypatch):
+    """`mpi="mpiexec"` in a Slurm batch script: Open MPI's root variables as root, never
+    --oversubscribe (the job holds a slot per rank), and the plain line for MPICH."""
+    from ppu_lab.slurm.scripts import launch_prefix
+
+    ompi = _fake_mpiexec(tmp_path, 'echo "mpiexec (Open MPI) 5.0.3"\n')
+    monkeypatch.setattr(mpiexec, "is_root", lambda: True)
+    monkeypatch.setattr(mpiexec, "open_mpi_slots", lambda: 1)  # this machine's cores do not matter in a job
+    line = launch_prefix(4, "mpiexec", mpiexec=str(ompi))
+    assert line == f"env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 {ompi.resolve()} -n 4"
+    monkeypatch.setattr(mpiexec, "is_root", lambda: False)
+    mpiexec._cache.clear()
+    assert launch_prefix(4, "mpiexec", mpiexec=str(ompi)) == f"{ompi.resolve()} -n 4"
+    mpich = tmp_path / "mpich"
+    mpich.mkdir()
+    hydra = _fake_mpiexec(mpich, 'echo "HYDRA build details:"; echo "    Version: 4.2.0"\n')
+    assert launch_prefix(3, "mpiexec", mpiexec=str(hydra)) == f"{hydra.resolve()} -n 3"

@@ -18,7 +18,7 @@ import numpy as np
 
 from ppu_lab.experiments.grid import ExperimentInputError, RunConfig
 from ppu_lab.experiments.results import append_record, check_writable, make_record, repair_results
-from ppu_lab.mpi import RankError, abort_job, check_everywhere, sleeping_barrier, world
+from ppu_lab.mpi import RankError, abort_job, check_everywhere, node_ranks_and_cores, sleeping_barrier, world
 
 __all__ = ["run_grid", "run_on_engines", "machine_info", "agree"]
 
@@ -49,7 +49,7 @@ def machine_info(comm=None) -> dict:
         torch_version = None
     return {
         "hostname": hosts[0], "hosts": hosts, "cores": os.cpu_count(),
-        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores_available": node_ranks_and_cores(comm)[1],  # the ranks' cores together (Open MPI binds each)
         "world_size": comm.Get_size(),
         "mpi_library": " ".join(MPI.Get_library_version().strip().splitlines()[0].split()),
         "mpi_standard": "{}.{}".format(*MPI.Get_version()),
@@ -167,13 +167,18 @@ def _one_run(cfg: RunConfig, sub, full, train_fn, machine, progress):
         return f"{type(exc).__name__}: {exc}", None
 
 
-def run_on_engines(cluster, grid, out, **kwargs):
+GRID_TIMEOUT = 3 * 3600.0  # seconds a grid on the engines may take by default (as experiments.launch)
+
+
+def run_on_engines(cluster, grid, out, *, timeout: float = GRID_TIMEOUT, **kwargs):
     """Run ``grid`` on the MPI engines of a running ``ppu_lab.cluster.MPICluster``; rank 0's records.
 
     The engines' ``COMM_WORLD`` is split per rank count, so engines are started once with the
-    largest rank count of the grid.
+    largest rank count of the grid. ``timeout``: seconds to wait for the whole grid (the cluster's
+    own default, a few minutes, is meant for single calls); past it the cluster's hang report says
+    where each rank is, and the records finished so far are in ``out``.
     """
-    return cluster.apply(_engine_run_grid, list(grid), str(out), kwargs)[0]
+    return cluster.apply(_engine_run_grid, list(grid), str(out), kwargs, timeout=timeout)[0]
 
 
 def _engine_run_grid(grid, out, kwargs):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import shlex
 
-from ppu_lab.mpiexec import find_mpiexec
+from ppu_lab.mpiexec import MPIStartError, mpiexec_command
 
 MPI_MODES = ("pmi2", "pmix", "mpiexec", "none")
 _TIME = re.compile(r"(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}|UNLIMITED|INFINITE)")
@@ -64,11 +64,18 @@ def launch_prefix(n: int, mpi: str = "pmi2", mpiexec: str | None = None) -> str:
 
     ``srun`` gets ``--kill-on-bad-exit=1``: by default Slurm lets the other tasks run on when one
     dies, and MPI ranks whose peer died at start-up wait for it until the time limit. (mpiexec
-    already ends the whole job when a rank fails.)
+    already ends the whole job when a rank fails.) ``mpi="mpiexec"``: the line of
+    :func:`ppu_lab.mpiexec.mpiexec_command` (Open MPI's root variables when submitting as root; no
+    ``--oversubscribe``, the job holds a slot per rank), or a bare ``mpiexec -n n`` found on the
+    node's PATH when none is found here.
     """
     if mpi == "mpiexec":
-        exe = no_control("mpiexec", mpiexec or find_mpiexec() or "mpiexec")
-        return f"{shlex.quote(exe)} -n {n}"
+        try:
+            launch = mpiexec_command(n, mpiexec=mpiexec, cores=n)
+        except MPIStartError:
+            return f"{shlex.quote(no_control('mpiexec', mpiexec or 'mpiexec'))} -n {n}"
+        env = [f"{k}={shlex.quote(v)}" for k, v in sorted(launch.env.items())]
+        return " ".join(["env", *env] * bool(env) + [shlex.quote(no_control("mpiexec", a)) for a in launch.cmd])
     return "srun" if mpi == "none" else f"srun --mpi={mpi} --kill-on-bad-exit=1"
 
 
