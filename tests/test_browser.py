@@ -114,6 +114,9 @@ def _run_all(page, url) -> None:
     page.goto(url)
     page.wait_for_selector(f"{PANEL} .jp-Cell", timeout=60_000)
     page.get_by_text("(ipykernel) | Idle").first.wait_for(timeout=60_000)      # the kernel is up
+    dialogs = page.locator(".jp-Dialog")
+    if dialogs.count():  # nothing should ask anything on opening a notebook: say what did
+        pytest.fail(f"JupyterLab opened {url.split('?')[0]} with a dialog: {dialogs.first.inner_text()[:500]!r}")
     deadline = time.monotonic() + RUN_DEADLINE
     for _ in range(3):                                   # a click can land before the menu is ready
         page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
@@ -157,7 +160,9 @@ def _run_in_browser(lab, browser, folder, name) -> tuple[str, list]:
     """Run All in JupyterLab; return (the text of every output on the page, the saved error outputs)."""
     base, token, root = lab
     page = browser.new_page()
-    _run_all(page, f"{base}/lab/tree/{folder}/{name}.ipynb?token={token}")
+    # a workspace of its own: JupyterLab would otherwise reopen the notebooks run before, whose kernels
+    # were shut down, beside this one
+    _run_all(page, f"{base}/lab/workspaces/{folder}-{name}/tree/{folder}/{name}.ipynb?token={token}")
     text = "\n".join(page.eval_on_selector_all(f"{PANEL} .jp-OutputArea-output", "els => els.map(e => e.innerText)"))
     page.close()
     _shutdown_kernels(base, token)

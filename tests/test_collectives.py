@@ -82,6 +82,7 @@ def test_model_table_prints_the_models_predictions_and_ratios():
     assert "1 of 2 within 1.5x" in text
 
 
+@pytest.mark.mpi  # asks the mpiexec found which MPI it is
 def test_mpich_switch_points_are_read_from_the_library():
     from ppu_lab.mpiexec import find_mpiexec, mpi_flavor
 
