@@ -91,6 +91,7 @@ def test_slurm_engines_are_one_communicator_and_match_serial_sgd(live_slurm):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.mpi  # mpiexec inside the allocation (and asks mpiexec which MPI it is)
 def test_plain_srun_rank0_of_1_is_detected_with_advice(live_slurm):
     with pytest.raises(slurm.SlurmError, match=r"rank 0 of 1[\s\S]*mpi='pmi2' \(srun --mpi=pmi2"):
         slurm.SlurmMPICluster(2, mpi="none", time="00:10:00").start()
