@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from ppu_lab import ridge
-from ppu_lab.exercises import edition, nb00, nb01, nb05
+from ppu_lab.costmodel import AlphaBeta
+from ppu_lab.exercises import edition, nb00, nb01, nb03, nb05
 from ppu_lab.exercises.core import NOT_ATTEMPTED, PASSED, TIMED_OUT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,6 +182,55 @@ def test_engine_checks_catch_mistakes_and_a_hung_collective(cl):
     assert fb.status == TIMED_OUT and "cl.restart()" in fb.message
     cl.restart()                                     # the way out the feedback names
     assert nb00.check(f["my_share"], cl).passed
+
+
+PX_RING = '''
+import numpy as np
+from ppu_lab.mpi import shard_bounds
+
+def ring_allreduce(x, comm):
+    p, r = comm.Get_size(), comm.Get_rank()
+    chunks = [slice(*shard_bounds(len(x), p, c)) for c in range(p)]
+    out = np.array(x, dtype=float)
+    {todo}
+    for phase, shift in (("reduce-scatter", 0), ("allgather", 1)):
+        for s in range(p - 1 - {skip}):
+            send, recv = chunks[(r + shift - s) % p], chunks[(r + shift - s - 1) % p]
+            buf = np.empty(recv.stop - recv.start)
+            comm.Sendrecv(out[send], dest=(r + 1) % p, recvbuf=buf, source=(r - 1) % p)
+            out[recv] = out[recv] + buf if shift == 0 else buf
+    return {result}
+'''
+
+
+def test_ring_check_on_the_engines_counts_steps_and_refuses_collectives(cl):
+    ex = nb03.BOOK.find("ring_allreduce")
+    for todo, skip, result, expect in [
+            ("", 0, "out", PASSED),
+            ("raise NotImplementedError('Student exercise')", 0, "out", NOT_ATTEMPTED),
+            ("", 1, "out", "a ring on 2 ranks takes p - 1 = 1 steps in each of its two phases"),
+            ("", 0, "comm.Allreduce(x, out) or out", "comm.Allreduce is not allowed here")]:
+        cl.view.execute(PX_RING.format(todo=todo, skip=skip, result=result)).get()
+        fb = ex.grade("ring_allreduce", cl)
+        assert fb.status == expect if expect in (PASSED, NOT_ATTEMPTED) else expect in fb.message, fb.text()
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+def test_ring_check_under_mpiexec_for_every_p(mpirun, ranks):
+    out = mpirun(ranks, "exercises_ring.py", timeout=120).stdout
+    assert f"p={ranks}: ring passes" in out, out
+
+
+def test_floats_for_against_the_model_and_its_mistakes():
+    sol = named("floats_for")(lambda budget, p, m: (budget - 2 * np.log2(p) * m.alpha)
+                              / (4 * (p - 1) / p * (2 * m.beta + m.gamma)))
+    assert nb03.require(sol).passed
+    assert np.isclose(AlphaBeta(5e-6, 2e-10, 1e-10).allreduce(4 * sol(1e-3, 8, AlphaBeta(5e-6, 2e-10, 1e-10)), 8), 1e-3)
+    once = named("floats_for")(lambda budget, p, m: (budget - 2 * np.log2(p) * m.alpha)
+                               / (4 * (p - 1) / p * (m.beta + m.gamma)))
+    assert "bytes are sent twice" in nb03.check(once).message
+    fb = nb03.check(named("floats_for")(lambda budget, p, m: budget / m.allreduce(4.0, p) * 1.0))
+    assert not fb.passed
 
 
 # --------------------------------------------------------------------------- the two editions
