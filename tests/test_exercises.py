@@ -14,7 +14,8 @@ import pytest
 
 from ppu_lab import ridge
 from ppu_lab.costmodel import AlphaBeta
-from ppu_lab.exercises import edition, nb00, nb01, nb03, nb05
+from ppu_lab.mpi import shard_bounds
+from ppu_lab.exercises import edition, nb00, nb01, nb02, nb03, nb04, nb05, nb06
 from ppu_lab.exercises.core import NOT_ATTEMPTED, PASSED, TIMED_OUT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +92,36 @@ def test_sgd_loop_passes_and_names_its_mistakes():
     assert "first epoch steps with lr itself" in fb.message
     fb = nb01.check(named("sgd_decay")(lambda *a, **k: _sgd(*a, **k, same_batches=True)))
     assert "same minibatches" in fb.message
+
+
+# --------------------------------------------------------------------------- notebook 02
+def _shard_mean(w, Xs, ys):
+    return -Xs.T @ (ys - Xs @ w) / len(ys)
+
+
+def _sharded(w, X, y, pool, k, weighted=True, clamp=True):
+    n = len(y)
+    k = min(k, n) if clamp else k
+    bounds = [shard_bounds(n, k, j) for j in range(k)]
+    futures = [pool.submit(_shard_mean, w, X[lo:hi], y[lo:hi]) for lo, hi in bounds]
+    if weighted:
+        return sum((hi - lo) / n * f.result() for (lo, hi), f in zip(bounds, futures))
+    return np.mean([f.result() for f in futures], axis=0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # the empty shards, in pool threads
+def test_sharded_gradient_weights_by_shard_size_and_uses_the_pool():
+    assert nb02.require(named("sharded_mean_gradient")(_sharded)).passed
+    fb = nb02.check(named("sharded_mean_gradient")(lambda *a: _sharded(*a, weighted=False)))
+    assert "plain average of the shard means" in fb.message and "1,001 rows in 3 shards" in fb.message
+    fb = nb02.BOOK.find("sharded_mean_gradient").grade(named("sharded_mean_gradient")(
+        lambda *a: _sharded(*a, clamp=False)))
+    assert "an empty shard's mean is NaN" in fb.message, fb.text()
+    fb = nb02.check(named("sharded_mean_gradient")(lambda w, X, y, pool, k: _shard_mean(w, X, y)))
+    assert "0 task(s) went to the pool" in fb.message
+    py = named("gradient_python_map")(lambda w, X, y: np.array(
+        [sum(-(yi - sum(a * b for a, b in zip(r, w))) * r[j] for r, yi in zip(X.tolist(), y)) for j in range(len(w))]))
+    assert nb02.require(py).passed
 
 
 # --------------------------------------------------------------------------- notebook 05
@@ -231,6 +262,89 @@ def test_floats_for_against_the_model_and_its_mistakes():
     assert "bytes are sent twice" in nb03.check(once).message
     fb = nb03.check(named("floats_for")(lambda budget, p, m: budget / m.allreduce(4.0, p) * 1.0))
     assert not fb.passed
+
+
+PX_DP = '''
+import numpy as np
+from mpi4py import MPI
+from ppu_lab import mpi, parallel, ridge
+
+def dp_step(w, XY, idx, nb, lam, n, lr, comm):
+    p, rank, d = comm.Get_size(), comm.Get_rank(), w.size
+    {body}
+'''
+DP_BODY = """counts = mpi.shard_counts(nb, p) * (d + 1)
+    shard = np.empty((counts[rank] // (d + 1), d + 1))
+    comm.Scatterv([XY[idx], counts, mpi.shard_displs(counts), MPI.DOUBLE] if rank == 0 else None, shard, root=0)
+    g = ridge.data_gradient(w, shard[:, :d], shard[:, d])
+    comm.Allreduce(MPI.IN_PLACE, g)
+    return ridge.sgd_step(w, ridge.combine(w, g, lam, n, nb), lr)"""
+
+
+def test_dp_step_check_on_the_engines_wants_the_course_design_and_not_the_lab_answer(cl):
+    ex = nb04.BOOK.find("dp_step")
+    for body, expect in [
+            ("raise NotImplementedError('Student exercise')", NOT_ATTEMPTED),
+            (DP_BODY, "it never calls comm.Allgather"),                    # right weights, Allreduce instead
+            ("return parallel.scatter_allgather_step(w, XY, idx, nb, lam, n, lr, comm, np.empty((p, d)))",
+             "that is the lab's answer")]:
+        cl.view.execute(PX_DP.format(body=body)).get()
+        fb = ex.grade("dp_step", cl)
+        assert fb.status == expect if expect == NOT_ATTEMPTED else expect in fb.message, fb.text()
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_dp_step_check_under_mpiexec(mpirun, ranks):
+    out = mpirun(ranks, "exercises_dp.py", timeout=120).stdout
+    assert f"p={ranks}: step passes" in out, out
+    if ranks == 3:
+        assert "ranks disagree" in out, out
+
+
+def test_ranks_for_speedup_inverts_amdahl():
+    sol = named("ranks_for_speedup")(lambda S, f: float("inf") if f > 0 and S >= 1 / f else (1 - f) / (1 / S - f))
+    assert nb04.require(sol).passed
+    fb = nb04.check(named("ranks_for_speedup")(lambda S, f: abs((1 - f) / (1 / S - f + 1e-300))))
+    assert "cannot be reached (S >= 1/f): return inf" in fb.message and "out of reach" in fb.message
+
+
+PX_FLAT = '''
+import numpy as np
+import torch
+from mpi4py import MPI
+
+def allreduce_gradients(model, comm):
+    grads = [q.grad for q in model.parameters()]
+    {body}
+'''
+FLAT_BODIES = {
+    "correct": """flat = torch.cat([g.reshape(-1) for g in grads]).numpy()
+    comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
+    flat /= {divide}
+    start = 0
+    for g in grads:
+        g.copy_(torch.from_numpy(flat[start:start + g.numel()]).view_as(g))
+        start += g.numel()""",
+    "not copied back": """flat = torch.cat([g.reshape(-1) for g in grads]).numpy()
+    comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)""",
+    "per parameter": """for g in grads:
+        a = g.numpy()
+        comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM)
+        a /= comm.Get_size()""",
+}
+
+
+def test_flat_buffer_check_on_the_engines_names_sum_copy_back_and_per_parameter(cl):
+    ex = nb06.BOOK.find("allreduce_gradients")
+    for body, expect in [
+            (FLAT_BODIES["correct"].format(divide="comm.Get_size()"), PASSED),
+            ("raise NotImplementedError('Student exercise')", NOT_ATTEMPTED),
+            (FLAT_BODIES["correct"].format(divide="1"), "sum over the ranks: divide by comm.Get_size()"),
+            (FLAT_BODIES["not copied back"], "copy the reduced buffer back"),
+            (FLAT_BODIES["per parameter"], "one Allreduce of one flat buffer")]:
+        cl.view.execute(PX_FLAT.format(body=body)).get()
+        fb = ex.grade("allreduce_gradients", cl)
+        assert fb.status == expect if expect in (PASSED, NOT_ATTEMPTED) else expect in fb.message, fb.text()
 
 
 # --------------------------------------------------------------------------- the two editions
