@@ -68,7 +68,8 @@ def _shard_case(n, d, k, seed):
             with np.errstate(all="ignore"):
                 got = fn(w, X, y, pool, k)
         if k > n and got is not None and not np.all(np.isfinite(np.asarray(got, dtype=float))):
-            return f"with {k} shards of {n} rows some shards are empty, and an empty shard's mean is NaN: use at most N shards"
+            return (f"with {k} shards of {n} rows some shards are empty, and an empty shard's mean is NaN: "
+                    "use at most N shards")
         msg = compare(got, ref, what="the gradient", rtol=1e-10, mistakes=[
             (np.mean(means, axis=0), "it is the plain average of the shard means: shards of different sizes must "
                                      "be weighted by their number of rows (n_j / N)"),

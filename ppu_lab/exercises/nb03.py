@@ -118,7 +118,8 @@ def _floats_case(budget, p, alpha, beta, gamma):
         return compare(fn(budget, p, model), (lo + hi) / 2, what="n", rtol=1e-6, mistakes=[
             ((budget - 2 * np.log2(p) * alpha) / (per * (beta + gamma)), "bytes are sent twice (reduce-scatter, "
              "then allgather): 2 (p - 1)/p * 4n * beta"),
-            ((budget - np.log2(p) * alpha) / (per * (2 * beta + gamma)), "2 log2(p) messages: one per step of each phase"),
+            ((budget - np.log2(p) * alpha) / (per * (2 * beta + gamma)),
+             "2 log2(p) messages: one per step of each phase"),
             ((budget - 2 * np.log2(p) * alpha) / (per * 2 * beta), "the additions cost gamma per byte too"),
         ])
 

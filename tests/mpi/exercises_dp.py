@@ -48,7 +48,8 @@ def main():
         rolled = verdict(p, rolled=True)
         assert rolled is None or (p < 3 and rolled == "passed") or "ranks disagree" in rolled, rolled
         if comm.Get_rank() == 0:
-            print(f"p={p}: step passes; dropped remainder, no N/|B|, mean caught; rank-dependent order: {rolled}", flush=True)
+            print(f"p={p}: step passes; dropped remainder, no N/|B|, mean caught; rank-dependent order: {rolled}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Usage: mpiexec -n P python tests/mpi/exercises_ring.py
 For every p = 1 .. P (the first p ranks) and lengths divisible by p, not divisible, and shorter than
-p: a correct ring passes; a ring that skips its last step, one that sends the whole vector, and one that calls a collective are each caught with their message.
+p: a correct ring passes; a ring that skips its last step, one that sends the whole vector, and one
+that calls a collective are each caught with their message.
 Prints one line per p on rank 0.
 """
 
