@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["CommSpy", "Exercise", "Feedback", "Notebook", "compare", "on_engines", "NotAttempted"]
+__all__ = ["CommSpy", "Exercise", "Feedback", "Notebook", "compare", "on_engines", "ranks_case", "NotAttempted"]
 
 _LAB = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the ppu_lab package: not student code
 PASSED, NOT_ATTEMPTED, FAILED, TIMED_OUT, MISSING = "passed", "not attempted yet", "failed", "timed out", "missing"
@@ -369,3 +369,16 @@ def on_engines(cl, fn, *args, comm_arg: bool = False, via=None) -> list:
     if bad:
         raise _Raised("; ".join(f"rank {r} raised {v}" for r, v in bad.items()))
     return [v for _, v in out]
+
+
+def ranks_case(report, verdict, p, *args):
+    """A case on the first ``p`` ranks of the engines (None: all of them): every rank runs
+    ``report(fn, ranks, *args)`` (``via``), then ``verdict(reports, ranks, *args)`` gives the message.
+    An argument that is a function gets the number of ranks (``lambda p: 2 * p + 1``)."""
+
+    def run(name, cl):
+        ranks = min(p or cl.size, cl.size)
+        values = tuple(a(ranks) if callable(a) else a for a in args)
+        return verdict(on_engines(cl, name, ranks, *values, via=report), ranks, *values)
+
+    return run

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ppu_lab.costmodel import AlphaBeta
-from ppu_lab.exercises.core import CommSpy, Notebook, compare, on_engines
+from ppu_lab.exercises.core import CommSpy, Notebook, compare, ranks_case
 from ppu_lab.mpi import first_ranks, shard_counts
 
 BOOK = Notebook("03_mpi_collectives")
@@ -42,7 +42,7 @@ def _wrong_chunks(got, ref, p):
                                                    rtol=1e-12, atol=1e-12 * max(1.0, float(np.abs(ref).max())))]
 
 
-def ring_verdict(reports, p, n) -> str | None:
+def ring_verdict(reports, p, n, seed=None) -> str | None:
     """None when every rank's result and traffic are a ring Allreduce's; else what is wrong."""
     reps, steps = [r for r in reports if r is not None], 2 * (p - 1)
     for k, r in enumerate(reps):
@@ -81,22 +81,17 @@ ring_ex = BOOK.exercise(
          "allgather pass the finished chunks around the ring the same way, copying instead of adding.")
 
 
-def _ring_case(p, n, seed):
-    """p ranks (None: every engine) and n numbers (a function of p, or a number)."""
-    def run(name, cl):
-        ranks = min(p or cl.size, cl.size)
-        length = n(ranks) if callable(n) else n
-        return ring_verdict(on_engines(cl, name, ranks, length, seed, via=ring_report), ranks, length)
-
-    return run
+def on_ranks(p, *args):
+    """A case on the first p ranks of the engines (None: all), n numbers, a seed."""
+    return ranks_case(ring_report, ring_verdict, p, *args)
 
 
-ring_ex.case("p = 2 ranks, 10 numbers")(_ring_case(2, 10, seed=31))
-ring_ex.case("p = 2 ranks, 7 numbers (not divisible by p)")(_ring_case(2, 7, seed=32))
-ring_ex.case("p = 1 rank (nothing to send)", hidden=True)(_ring_case(1, 5, seed=33))
-ring_ex.case("p = 2 ranks, 1 number (shorter than p)", hidden=True)(_ring_case(2, 1, seed=34))
-ring_ex.case("every engine, 2p + 1 numbers", hidden=True)(_ring_case(None, lambda q: 2 * q + 1, seed=35))
-ring_ex.case("every engine, 1,000 numbers", hidden=True)(_ring_case(None, 1000, seed=36))
+ring_ex.case("p = 2 ranks, 10 numbers")(on_ranks(2, 10, 31))
+ring_ex.case("p = 2 ranks, 7 numbers (not divisible by p)")(on_ranks(2, 7, 32))
+ring_ex.case("p = 1 rank (nothing to send)", hidden=True)(on_ranks(1, 5, 33))
+ring_ex.case("p = 2 ranks, 1 number (shorter than p)", hidden=True)(on_ranks(2, 1, 34))
+ring_ex.case("every engine, 2p + 1 numbers", hidden=True)(on_ranks(None, lambda q: 2 * q + 1, 35))
+ring_ex.case("every engine, 1,000 numbers", hidden=True)(on_ranks(None, 1000, 36))
 
 
 # --------------------------------------------------------------------------- exercise 2: the model inverted

@@ -17,7 +17,7 @@ import numpy as np
 
 from ppu_lab import perfmodel, ridge
 from ppu_lab.data import make_ridge_data
-from ppu_lab.exercises.core import CommSpy, Notebook, compare, on_engines
+from ppu_lab.exercises.core import CommSpy, Notebook, compare, ranks_case
 from ppu_lab.mpi import first_ranks
 
 BOOK = Notebook("04_mpi_sgd_ridge")
@@ -97,12 +97,7 @@ dp_ex = BOOK.exercise(
 
 
 def _dp_case(p, n=205, d=5, b=20, epochs=2, seed=41):
-    def run(name, cl):
-        ranks = min(p or cl.size, cl.size)
-        return dp_verdict(on_engines(cl, name, ranks, n, d, b, epochs, seed, via=dp_report),
-                          ranks, n, d, b, epochs, seed)
-
-    return run
+    return ranks_case(dp_report, dp_verdict, p, n, d, b, epochs, seed)
 
 
 dp_ex.case("p = 2 ranks, batches of 20 rows (the last one 5)")(_dp_case(2))

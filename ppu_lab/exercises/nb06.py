@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ppu_lab.exercises.core import CommSpy, Notebook, compare, on_engines
+from ppu_lab.exercises.core import CommSpy, Notebook, compare, ranks_case
 from ppu_lab.mpi import first_ranks
 
 BOOK = Notebook("06_cnn_mnist")
@@ -89,14 +89,11 @@ flat_ex = BOOK.exercise(
          "parameter's .grad (same order, same shape).")
 
 
-def _flat_case(p, rows, seed):
-    def run(name, cl):
-        ranks = min(p or cl.size, cl.size)
-        return grad_verdict(on_engines(cl, name, ranks, rows, seed, via=grad_report), ranks, rows, seed)
-
-    return run
+def on_ranks(p, *args):
+    """A case on the first p ranks of the engines (None: all), images per rank, a seed."""
+    return ranks_case(grad_report, grad_verdict, p, *args)
 
 
-flat_ex.case("p = 2 ranks, 3 images each")(_flat_case(2, 3, seed=61))
-flat_ex.case("p = 1 rank: the gradient stays", hidden=True)(_flat_case(1, 4, seed=62))
-flat_ex.case("every engine, 2 images each", hidden=True)(_flat_case(None, 2, seed=63))
+flat_ex.case("p = 2 ranks, 3 images each")(on_ranks(2, 3, 61))
+flat_ex.case("p = 1 rank: the gradient stays", hidden=True)(on_ranks(1, 4, 62))
+flat_ex.case("every engine, 2 images each", hidden=True)(on_ranks(None, 2, 63))
