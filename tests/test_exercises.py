@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ppu_lab import ridge
+from ppu_lab import reference, ridge
 from ppu_lab.costmodel import AlphaBeta
 from ppu_lab.mpi import shard_bounds
-from ppu_lab.exercises import edition, nb00, nb01, nb02, nb03, nb04, nb05, nb06
+from ppu_lab.exercises import edition, nb00, nb01, nb02, nb03, nb04, nb05, nb06, nb07
 from ppu_lab.exercises.core import NOT_ATTEMPTED, PASSED, TIMED_OUT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,6 +141,67 @@ def test_backprop_checks_against_autograd_and_finite_differences():
     assert "transpose: W1 and its gradient have shape (h, 784)" in fb.message
     fb = nb05.check(named("output_layer_grads")(lambda d2, A: (d2.T @ A, d2.mean(axis=0))))
     assert "mean over the batch" in fb.message
+
+
+# --------------------------------------------------------------------------- notebook 07
+def _step_time(p, t_compute, t_serial, alpha, beta, gamma, nbytes, *, comm_over_p=False, bytes_once=False,
+               no_serial=False, one_latency=False):
+    share = (p - 1) / p * nbytes
+    comm = 2 * np.log2(p) * alpha + (1 if bytes_once else 2) * share * beta + share * gamma
+    comm = comm / p if comm_over_p else comm + (alpha if one_latency else 0.0)
+    return t_compute / p + (0.0 if no_serial else t_serial) + comm
+
+
+@pytest.mark.parametrize("mistake, message", [
+    ("comm_over_p", "the communication is divided by p"),
+    ("bytes_once", "the Allreduce's bytes are counted once"),
+    ("no_serial", "T_serial is missing"),
+    ("one_latency", "on one rank there is nothing to communicate: T_comm(1) = 0")])
+def test_step_model_names_its_mistakes(mistake, message):
+    fb = nb07.check(named("predict_step_time")(lambda *a: _step_time(*a, **{mistake: True})))
+    assert fb.points == 0 and message in fb.message, fb.text()
+
+
+def test_step_model_passes_a_stub_is_not_attempted_the_lab_model_is_refused():
+    assert nb07.require(named("predict_step_time")(_step_time)).passed
+    assert nb07.check(named("predict_step_time")(_step_time)).cases == 3
+
+    @named("predict_step_time")
+    def stub(p, t_compute, t_serial, alpha, beta, gamma, nbytes):
+        ...
+        raise NotImplementedError("Student exercise: T(p)")
+
+    assert nb07.check(stub).status == NOT_ATTEMPTED
+    assert "not written yet" in nb07.against_your_runs(stub, reference.records("07_conclusions"), "ann:50")
+
+    @named("predict_step_time")
+    def lab(p, t_compute, t_serial, alpha, beta, gamma, nbytes):
+        from ppu_lab.costmodel import AlphaBeta
+        from ppu_lab.perfmodel import StepModel
+        return StepModel.from_parts(t_compute, t_serial, 1680, grad_bytes=nbytes).time(p, AlphaBeta(alpha, beta, gamma))
+
+    fb = nb07.check(lab)
+    assert fb.cases == 3 and not fb.passed and "StepModel" in fb.message
+
+
+def test_step_model_is_held_against_the_reference_run_measurements():
+    """Right formula everywhere but 8 times the per-step overhead: the synthetic cases fail, and the
+    reference run's case alone says how far from the measured step the prediction is."""
+    reference_case = next(c for c in nb07.BOOK.find("predict_step_time").cases if "reference run" in c.description)
+    assert reference_case.run(_step_time) is None
+    msg = reference_case.run(lambda p, tc, ts, *rest: _step_time(p, tc, 8 * ts, *rest))
+    assert "ANN h=50 on 1 rank(s)" in msg and "the run measured" in msg and "25%" in msg, msg
+    msg = reference_case.run(lambda p, tc, *rest: _step_time(p, p * tc, *rest))     # t_compute not shared
+    assert "ANN h=50 on 2 rank(s)" in msg and "T_compute is not divided by p" in msg, msg
+
+
+def test_steps_per_epoch_against_the_reference_grid():
+    assert nb07.require(named("steps_per_epoch")(
+        lambda n, b, p, mode: -(-n // (b * p if mode == "per_rank" else b)))).passed
+    fb = nb07.check(named("steps_per_epoch")(lambda n, b, p, mode: n // (b * p if mode == "per_rank" else b)))
+    assert "round n_train / global batch up" in fb.message and "(8000, 150, 1, 'global')" in fb.message
+    fb = nb07.check(named("steps_per_epoch")(lambda n, b, p, mode: -(-n // b)))
+    assert "every step takes ranks * batch_size rows" in fb.message
 
 
 # --------------------------------------------------------------------------- MPI engines (00 and 05)
