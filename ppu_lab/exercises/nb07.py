@@ -102,7 +102,8 @@ def _reference_case(fn):
     """The lab's reference run: the student's model, with the run's fitted parts and network, against the
     measured step times of the ANN and the CNN on 1 and 2 ranks."""
     fit = reference.load("perfmodel")["notes"]
-    net = costmodel.Regimes(fit["switch"], AlphaBeta(*fit["small"], fit["gamma"]), AlphaBeta(*fit["large"], fit["gamma"]))
+    net = costmodel.Regimes(fit["switch"], AlphaBeta(*fit["small"], fit["gamma"]),
+                            AlphaBeta(*fit["large"], fit["gamma"]))
     for workload in MEASURED:
         m = perfmodel.StepModel(**fit["models"][workload])
         tc, ts, nbytes = m.per_row * m.batch, m.serial, m.grad_bytes
