@@ -23,6 +23,9 @@ from ppu_lab.procs import run as run_with_timeout
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.grading
+# The untouched student edition of these; 03 and 04 run once each, in alice's and bob's folders, with one
+# exercise planted with a mistake and the other untouched (their stubs' "not attempted yet": test_exercises.py).
+UNTOUCHED = ("00_setup", "01_serial_sgd_ridge", "02_threads", "05_ann_mnist", "06_cnn_mnist")
 TIME_LIMIT = 5          # seconds per exercise in this run (--time-limit); the grader adds its grace on top
 
 MISTAKE = '''def minibatch_gradient(w, X, y, lam, idx):
@@ -48,6 +51,41 @@ HUNG = '''def my_share(n):
     return n'''
 
 
+RING_SKIPS_LAST_STEP = '''%%px
+import numpy as np
+from ppu_lab.mpi import shard_bounds
+
+def ring_allreduce(x, comm):
+    """Each phase stops one step short (range(p - 2)): the chunks never finish their trip round the ring."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    chunks = [slice(*shard_bounds(len(x), p, c)) for c in range(p)]
+    out = np.array(x, dtype=float)
+    for shift in (0, 1):
+        for s in range(p - 2):
+            send, recv = chunks[(r + shift - s) % p], chunks[(r + shift - s - 1) % p]
+            buf = np.empty(recv.stop - recv.start)
+            comm.Sendrecv(out[send], dest=(r + 1) % p, recvbuf=buf, source=(r - 1) % p)
+            out[recv] = out[recv] + buf if shift == 0 else buf
+    return out'''
+
+SCATTERV_DROPS_REMAINDER = '''%%px
+import numpy as np
+from mpi4py import MPI
+from ppu_lab import ridge
+
+def dp_step(w, XY, idx, nb, lam, n, lr, comm):
+    """Counts nb // p rows per rank: the last nb % p rows of every batch are never sent."""
+    p, rank, d = comm.Get_size(), comm.Get_rank(), w.size
+    counts = np.full(p, nb // p) * (d + 1)
+    shard = np.empty((counts[rank] // (d + 1), d + 1))
+    displs = np.arange(p) * counts[0]
+    comm.Scatterv([XY[idx], counts, displs, MPI.DOUBLE] if rank == 0 else None, shard, root=0)
+    gathered = np.empty((p, d))
+    gathered[rank] = ridge.data_gradient(w, shard[:, :d], shard[:, d])
+    comm.Allgather(MPI.IN_PLACE, gathered)
+    return ridge.sgd_step(w, ridge.combine(w, gathered.sum(axis=0), lam, n, nb), lr)'''
+
+
 def _plant(nb: dict, name: str, source: str) -> dict:
     cell = next(c for c in nb["cells"]
                 if edition.SOLUTION in edition.tags(c) and f"def {name}(" in "".join(c["source"]))
@@ -65,11 +103,15 @@ def _notebook(name: str, edition_: str) -> dict:
 
 def _submissions(root: Path) -> None:
     subs = {
-        "untouched": {n: _notebook(n, "student") for n in ("00_setup", "01_serial_sgd_ridge", "05_ann_mnist")},
+        "untouched": {n: _notebook(n, "student") for n in UNTOUCHED},
         "alice": {"01_serial_sgd_ridge": _plant(_plant(_notebook("01_serial_sgd_ridge", "student"),
-                                                       "minibatch_gradient", MISTAKE), "sgd_decay", LOOP)},
+                                                       "minibatch_gradient", MISTAKE), "sgd_decay", LOOP),
+                  "03_mpi_collectives": _plant(_notebook("03_mpi_collectives", "student"), "ring_allreduce",
+                                               RING_SKIPS_LAST_STEP)},
         "bob": {"00_setup": _plant(_notebook("00_setup", "student"), "my_share", HUNG),
-                "01_serial_sgd_ridge": _notebook("01_serial_sgd_ridge", "instructor")},
+                "01_serial_sgd_ridge": _notebook("01_serial_sgd_ridge", "instructor"),
+                "04_mpi_sgd_ridge": _plant(_notebook("04_mpi_sgd_ridge", "student"), "dp_step",
+                                           SCATTERV_DROPS_REMAINDER)},
     }
     for student, notebooks in subs.items():
         for name, nb in notebooks.items():
@@ -105,8 +147,9 @@ def test_untouched_student_edition_scores_zero_not_attempted(graded):
     notes = (root / "grades" / "feedback" / "untouched.md").read_text()
     assert "- note:" not in notes, "the untouched student edition should run to the end: no error, no hang"
     untouched = {ex: r for (s, ex), r in rows.items() if s == "untouched"}
-    assert sorted(untouched) == sorted(["my_share", "minibatch_gradient", "sgd_decay", "output_layer_grads",
-                                        "hidden_layer_grads", "parallel_accuracy"])
+    assert sorted(untouched) == sorted(["my_share", "minibatch_gradient", "sgd_decay", "sharded_mean_gradient",
+                                        "gradient_python_map", "output_layer_grads", "hidden_layer_grads",
+                                        "parallel_accuracy", "allreduce_gradients"])
     for ex, r in untouched.items():
         assert (float(r["points"]), r["status"]) == (0.0, "not attempted yet"), (ex, r["feedback"])
         assert float(r["max"]) > 0 and "Traceback" not in r["feedback"]
@@ -117,6 +160,16 @@ def test_a_mistake_is_named_and_an_infinite_loop_costs_only_its_exercise(graded)
     mistake, loop = rows["alice", "minibatch_gradient"], rows["alice", "sgd_decay"]
     assert mistake["status"] == "failed" and "without the factor N/|B|" in mistake["feedback"]
     assert loop["status"] == "timed out" and float(loop["points"]) == 0
+
+
+def test_mpi_mistakes_are_named_and_the_other_exercise_is_not_attempted(graded):
+    rows, *_ = graded
+    ring, dp = rows["alice", "ring_allreduce"], rows["bob", "dp_step"]
+    assert ring["status"] == "failed" and "hold a wrong sum" in ring["feedback"], ring["feedback"]
+    assert "takes p - 1 = 1 steps in each of its two phases" in ring["feedback"], ring["feedback"]
+    assert dp["status"] == "failed" and "Scatterv counts drop the remainder" in dp["feedback"], dp["feedback"]
+    for student, ex in (("alice", "floats_for"), ("bob", "ranks_for_speedup")):
+        assert rows[student, ex]["status"] == "not attempted yet", rows[student, ex]
 
 
 def test_a_hung_collective_costs_only_its_exercise(graded):

@@ -13,7 +13,9 @@
 import importlib
 
 # notebook file stem -> the module that holds the checks of its exercises
-CHECKS = {"00_setup": "nb00", "01_serial_sgd_ridge": "nb01", "05_ann_mnist": "nb05"}
+CHECKS = {"00_setup": "nb00", "01_serial_sgd_ridge": "nb01", "02_threads": "nb02", "03_mpi_collectives": "nb03",
+          "04_mpi_sgd_ridge": "nb04", "05_ann_mnist": "nb05", "06_cnn_mnist": "nb06",
+          "07_results_and_conclusions": "nb07"}
 
 
 def book(notebook: str):

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Exercise", "Feedback", "Notebook", "compare", "on_engines", "NotAttempted"]
+__all__ = ["CommSpy", "Exercise", "Feedback", "Notebook", "compare", "on_engines", "ranks_case", "NotAttempted"]
 
 _LAB = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the ppu_lab package: not student code
 PASSED, NOT_ATTEMPTED, FAILED, TIMED_OUT, MISSING = "passed", "not attempted yet", "failed", "timed out", "missing"
@@ -282,11 +282,60 @@ class Notebook:
         return fb
 
 
+# --------------------------------------------------------------------------- a communicator that watches
+POINT_TO_POINT = ("Send", "Recv", "Sendrecv", "Isend", "Irecv", "send", "recv", "sendrecv", "isend", "irecv")
+
+
+class CollectiveRefused(RuntimeError):
+    """The student's code called a collective where the exercise is to build one from point-to-point calls."""
+
+
+class CommSpy:
+    """The communicator a check hands the student's function: every call is passed on and its name
+    recorded (``calls``); point-to-point sends are counted (``messages``, ``bytes`` sent by this rank);
+    with ``collectives=False`` any other MPI call (a collective) is refused."""
+
+    def __init__(self, comm, collectives: bool = True):
+        self._comm, self._collectives = comm, collectives
+        self.messages, self.bytes, self.calls = 0, 0, []
+
+    def Get_size(self):
+        return self._comm.Get_size()
+
+    def Get_rank(self):
+        return self._comm.Get_rank()
+
+    size, rank = property(Get_size), property(Get_rank)
+
+    def _sent(self, buf):
+        data = buf[0] if isinstance(buf, (list, tuple)) and buf and not np.isscalar(buf[0]) else buf
+        self.messages += 1
+        self.bytes += int(np.asarray(data).nbytes)
+
+    def __getattr__(self, name):
+        attr = getattr(self._comm, name)
+        if not callable(attr) or name.startswith(("Get_", "Is_")):
+            return attr
+        if name not in POINT_TO_POINT and name[:1].isupper() and not self._collectives:
+            raise CollectiveRefused(f"comm.{name} is not allowed here: build it from point-to-point "
+                                    f"calls only ({', '.join(POINT_TO_POINT[:5])})")
+
+        def watched(*args, **kwargs):
+            self.calls.append(name)
+            if name in POINT_TO_POINT and (not name.lower().endswith("recv") or name.lower() == "sendrecv"):
+                self._sent(args[0] if args else kwargs.get("sendbuf", kwargs.get("buf", kwargs.get("obj"))))
+            return attr(*args, **kwargs)
+
+        return watched
+
+
 # --------------------------------------------------------------------------- MPI engines
-def _on_rank(fn, args, comm_arg):  # runs on an engine
+def _on_rank(fn, args, comm_arg, via=None):  # runs on an engine
     from mpi4py import MPI
 
     try:
+        if via is not None:
+            return "ok", via(fn, *args)
         return "ok", fn(*args, MPI.COMM_WORLD) if comm_arg else fn(*args)
     except NotImplementedError:
         return "todo", ""
@@ -294,11 +343,13 @@ def _on_rank(fn, args, comm_arg):  # runs on an engine
         return "raised", f"{type(exc).__name__}: {exc}"
 
 
-def on_engines(cl, fn, *args, comm_arg: bool = False) -> list:
+def on_engines(cl, fn, *args, comm_arg: bool = False, via=None) -> list:
     """Run the student's ``fn(*args[, comm])`` on every engine; return the results in rank order.
 
     ``fn`` is a function, or the name of one defined on the engines (a ``%%px`` cell). A stub on
     any rank raises NotAttempted; an error on any rank a failed case that names the ranks.
+    ``via``: a function of the checks module, run on every engine as ``via(fn, *args)`` instead
+    (it builds the case's communicator and data there and calls the student's ``fn`` itself).
     """
     import ipyparallel as ipp
 
@@ -307,7 +358,7 @@ def on_engines(cl, fn, *args, comm_arg: bool = False) -> list:
     target = ipp.Reference(fn) if isinstance(fn, str) else getattr(fn, "__wrapped__", fn)  # the engines report
     name = fn if isinstance(fn, str) else getattr(fn, "__name__", "function")
     try:
-        out = cl.view.apply_async(_on_rank, target, args, comm_arg).get()
+        out = cl.view.apply_async(_on_rank, target, args, comm_arg, via).get()
     except ipp.error.RemoteError as exc:
         if "NameError" in f"{exc.ename}":
             raise _Raised(f"`{name}` is not defined on the engines: run its %%px cell first") from None
@@ -318,3 +369,16 @@ def on_engines(cl, fn, *args, comm_arg: bool = False) -> list:
     if bad:
         raise _Raised("; ".join(f"rank {r} raised {v}" for r, v in bad.items()))
     return [v for _, v in out]
+
+
+def ranks_case(report, verdict, p, *args):
+    """A case on the first ``p`` ranks of the engines (None: all of them): every rank runs
+    ``report(fn, ranks, *args)`` (``via``), then ``verdict(reports, ranks, *args)`` gives the message.
+    An argument that is a function gets the number of ranks (``lambda p: 2 * p + 1``)."""
+
+    def run(name, cl):
+        ranks = min(p or cl.size, cl.size)
+        values = tuple(a(ranks) if callable(a) else a for a in args)
+        return verdict(on_engines(cl, name, ranks, *values, via=report), ranks, *values)
+
+    return run
