@@ -36,13 +36,17 @@ __all__ = ["find_mpiexec", "mpi_flavor", "mpi_name", "mpi4py_library", "usable_c
 #: What Open MPI needs to run as root (it refuses otherwise).
 ROOT_VARIABLES = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
-# MPICH's UCX netmod sometimes fails in MPI_Init: a rank rejects a peer's address ("invalid
-# bandwidth 0.00") and the job dies at start-up (pmodels/mpich#7417, also seen in mpi4py's CI).
-# It is not our bug and a second start works; the OFI netmod avoids UCX altogether.
-TRANSIENT_MPI_INIT_SIGNATURE = "UCX  ERROR failed to unpack address"
+# Two known intermittent failures of MPI_Init that a second start gets past; neither is our bug.
+# - MPICH's UCX netmod: a rank rejects a peer's address ("invalid bandwidth 0.00") and the job dies
+#   at start-up (pmodels/mpich#7417, also seen in mpi4py's CI); the OFI netmod avoids UCX altogether.
+# - Slurm's PMI2 server (srun --mpi=pmi2) sometimes reads a rank's long "put" of its address card
+#   cut in two ("value not properly terminated", then "request not begin with 'cmd='"); the rank
+#   then waits in MPI_Init for an answer that never comes. Seen on the two-node test cluster.
+TRANSIENT_MPI_INIT_SIGNATURES = ("UCX  ERROR failed to unpack address", "mpi/pmi2: request not begin with 'cmd='")
 TRANSIENT_MPI_INIT_HINT = (
-    "MPI start-up failed with a known intermittent MPICH/UCX error (pmodels/mpich#7417). "
-    "It is not caused by your code; if it keeps happening, set MPIR_CVAR_CH4_NETMOD=ofi."
+    "MPI start-up failed with a known intermittent error (MPICH/UCX, pmodels/mpich#7417, or Slurm's PMI2 "
+    "server misreading a request). It is not caused by your code; if it keeps happening, set "
+    "MPIR_CVAR_CH4_NETMOD=ofi (UCX) or use mpi='pmix' or 'mpiexec' (Slurm)."
 )
 
 _INSTALL_HINT = (
@@ -63,8 +67,8 @@ class OversubscribeWarning(UserWarning):
 
 
 def transient_mpi_init_failure(output: str) -> bool:
-    """True when ``output`` (a job's or engines' output) shows the known MPICH/UCX start-up failure."""
-    return TRANSIENT_MPI_INIT_SIGNATURE in (output or "")
+    """True when ``output`` (a job's or engines' output) shows a known intermittent start-up failure."""
+    return any(sig in (output or "") for sig in TRANSIENT_MPI_INIT_SIGNATURES)
 
 
 # --------------------------------------------------------------------------- what is here

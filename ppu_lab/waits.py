@@ -22,7 +22,7 @@ import sys
 import time
 
 from ppu_lab import hangs
-from ppu_lab.mpiexec import MPIStartError
+from ppu_lab.mpiexec import MPIStartError, transient_mpi_init_failure
 
 __all__ = ["ClusterError", "ClusterTimeout", "EnginesBusy", "registration", "rank_check", "wait", "check_idle",
            "busy_engines", "checked_view", "move_magics"]
@@ -70,14 +70,22 @@ def registration(cl) -> None:
 def rank_check(cl, ids, probe) -> list:
     """``probe()`` on each engine of ``ids`` (their first MPI call, so MPI_Init), within ``cl.timeout``."""
     ar = cl.client[ids].apply_async(probe)
+    deadline = time.monotonic() + cl.timeout
     try:
-        return ar.get(timeout=cl.timeout)
+        while not ar.ready() and time.monotonic() < deadline:
+            ar.wait(min(2.0, max(0.0, deadline - time.monotonic())))
+            if not ar.ready() and transient_mpi_init_failure(output := cl._engine_output()):
+                raise ClusterError(f"The {cl.n} engines are stuck in MPI_Init after a known intermittent "
+                                   f"start-up failure.\n--- engine output\n{output}")
+        return ar.get(timeout=0)
     except TimeoutError:
         raise ClusterError(
             f"The {cl.n} engines registered but did not get through MPI_Init (their first MPI call) within "
             f"{cl.timeout:.0f} s. What to do: run `python -m ppu_lab.envcheck` (mpiexec and mpi4py must come "
             "from the same MPI); try `mpiexec -n 2 python -c \"from mpi4py import MPI\"` in a terminal; on a "
             f"loaded machine raise timeout=. Then start again.\n--- engine output\n{cl._engine_output()}") from None
+    except ClusterError:
+        raise
     except Exception as exc:  # noqa: BLE001 - an engine that dies in MPI_Init: say so, with its output
         time.sleep(1)  # let the dying engines' last words reach their output
         raise ClusterError(f"An MPI engine failed while initialising MPI ({type(exc).__name__}: {exc}).\n"

@@ -55,3 +55,53 @@ def test_report_text_names_the_call_the_line_and_the_cell():
     ]
     assert report.busy == [1, 2, 3]
     assert "cl.restart()" in hangs.explain("cl.apply(f) got no answer within 2 s.", report)
+
+
+class _NeverReady:
+    """An AsyncResult whose engines never get through MPI_Init."""
+
+    def ready(self):
+        return False
+
+    def wait(self, timeout):
+        import time
+        time.sleep(min(timeout, 0.05))
+
+    def get(self, timeout=None):
+        raise TimeoutError
+
+
+class _StuckCluster:
+    """Just what waits.rank_check reads of an MPICluster."""
+
+    def __init__(self, output, timeout=30.0):
+        self.n, self.timeout, self.output = 2, timeout, output
+        self.client = {(0, 1): self}
+
+    def apply_async(self, probe):
+        return _NeverReady()
+
+    def _engine_output(self):
+        return self.output
+
+
+def test_a_known_intermittent_start_failure_ends_the_rank_check_at_once():
+    """Slurm's PMI2 server misreading a rank's request leaves the engines in MPI_Init for good: the rank
+    check says so within a poll (and start() retries once) instead of waiting its whole timeout."""
+    import time
+
+    import pytest
+
+    from ppu_lab import waits
+    from ppu_lab.mpiexec import transient_mpi_init_failure
+
+    garbled = ("slurmstepd-ppulab-n2: error: mpi/pmi2: value not properly terminated in client request\n"
+               "slurmstepd-ppulab-n2: error: mpi/pmi2: request not begin with 'cmd='")
+    assert transient_mpi_init_failure(garbled) and transient_mpi_init_failure("UCX  ERROR failed to unpack address")
+    assert not transient_mpi_init_failure("Abort(1): Fatal error in PMPI_Init")
+    start = time.monotonic()
+    with pytest.raises(waits.ClusterError, match="known intermittent start-up failure[\\s\\S]*cmd="):
+        waits.rank_check(_StuckCluster(garbled), (0, 1), probe=None)
+    assert time.monotonic() - start < 10  # not the 30 s timeout
+    with pytest.raises(waits.ClusterError, match="did not get through MPI_Init .* within 1 s"):
+        waits.rank_check(_StuckCluster("engines started", timeout=1.0), (0, 1), probe=None)
