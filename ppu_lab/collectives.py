@@ -342,7 +342,7 @@ def model_rows(rows, model) -> list[dict]:
 def format_model_table(rows, model, within: float = 1.5) -> str:
     """Measured against predicted, one line per collective and size, in microseconds, with the ratio."""
     rows = model_rows(rows, model)
-    head = (f"{'collective':<18} {'MPICH algorithm':<29} {'p':>2} {'floats':>9} {'KiB':>7} | {'measured':>9} "
+    head = (f"{'collective':<18} {'algorithm modelled (MPICH)':<29} {'p':>2} {'floats':>9} {'KiB':>7} | {'measured':>9} "
             f"{'model':>8} | {'measured/model':>14}")
     lines = [head, "-" * len(head)]
     for r in rows:
