@@ -116,13 +116,21 @@ def plan_grid(key, timeout):
     print("saved", reference.save(name, records, command=command, notes=_notes(cost), summary=summary))
 
 
+#: the 1-minute load average when this recording began: what the machine carried before our own jobs
+START_LOAD = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
 def _notes(cost) -> str:
-    load = max(cost["load_average_before"][0], cost["load_average_after"][0])
-    if load < 0.5 * cost["cores"]:
-        return "Full-mode grid of the notebook, recorded on a quiet machine."
-    return (f"Full-mode grid of the notebook, PROVISIONAL: recorded on a shared machine (load average {load:.1f} "
-            f"on {cost['cores']} cores), so its timings are slower and noisier than on a quiet one. Re-record with "
-            "`python benchmarks/record_references.py --only 05 --only 07` on a quiet machine.")
+    """Quiet or provisional, judged by the load before the recording began: the averages around a grid
+    (``cost``) include the recording's own MPI processes, a load of 2 or more on 2 cores by themselves."""
+    if START_LOAD < 0.5 * cost["cores"]:
+        return (f"Full-mode grid of the notebook, recorded on a quiet machine (load average {START_LOAD:.1f} on "
+                f"{cost['cores']} cores before the recording began; the averages around the grid include its "
+                "own MPI processes).")
+    return (f"Full-mode grid of the notebook, PROVISIONAL: recorded on a shared machine (load average "
+            f"{START_LOAD:.1f} on {cost['cores']} cores before the recording began), so its timings are slower "
+            "and noisier than on a quiet one. Re-record with `python benchmarks/record_references.py --only 05 "
+            "--only 07` on a quiet machine.")
 
 
 def notebook(key, timeout):
