@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 import textwrap
 
 import pytest
@@ -201,3 +202,48 @@ def test_slurm_job_line_uses_the_command_builder(tmp_path, monkeypatch):
     mpich.mkdir()
     hydra = _fake_mpiexec(mpich, 'echo "HYDRA build details:"; echo "    Version: 4.2.0"\n')
     assert launch_prefix(3, "mpiexec", mpiexec=str(hydra)) == f"{hydra.resolve()} -n 3"
+
+
+def test_a_killed_job_leaves_no_shared_memory_behind(tmp_path, monkeypatch):
+    """Ranks killed in the middle of a job cannot run MPI_Finalize, which removes their shared-memory
+    files in /dev/shm (a few MB of memory each, until a reboot): kill_tree removes them, and keeps those
+    of a job that is still running."""
+    import subprocess
+    import time
+
+    if not os.path.isdir(procs.SHM_DIR):
+        pytest.skip("no /dev/shm here")
+    monkeypatch.setattr(procs, "remove_orphan_shm", lambda real=procs.remove_orphan_shm: real(min_age=0))
+    ready = tmp_path / "ready"
+    code = ("import os, time\nfrom mpi4py import MPI\nc = MPI.COMM_WORLD\nc.Barrier()\n"
+            f"open(r'{ready}' + str(c.rank), 'w').close()\ntime.sleep(120)\n")
+
+    def start():
+        for f in tmp_path.glob("ready*"):
+            f.unlink()
+        launch = mpiexec_command(2, sys.executable, "-c", code)
+        job = subprocess.Popen(launch.cmd, env=launch.environ(), start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("ready*"))) < 2:
+            assert job.poll() is None and time.monotonic() < deadline, "the 2-rank job did not start"
+            time.sleep(0.1)
+        return job
+
+    def segments():
+        return {n for n in os.listdir(procs.SHM_DIR) if n.startswith(procs.SHM_PREFIXES)}
+
+    before = segments()
+    running = start()
+    try:
+        mine = segments() - before
+        killed = start()
+        theirs = segments() - before - mine
+        assert theirs, "the MPI ranks made no shared-memory file: nothing to check"
+        procs.kill_tree([killed.pid], grace=0.5)
+        left = segments()
+        assert not (theirs & left), f"left in /dev/shm by the killed job: {sorted(theirs & left)}"
+        assert mine <= left, "a running job's shared memory was removed"
+    finally:
+        procs.kill_tree([running.pid], grace=0.5)
+    assert not (mine & segments())
