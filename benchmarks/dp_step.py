@@ -204,8 +204,9 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed per rank count (default 900)")
     ap.add_argument("--json", default=None, help="also write the measurements to this JSON file")
     ap.add_argument("--save-reference", action="store_true", help="write results/reference/dp_step.json (notebook 06)")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    from ppu_lab.mpiexec import worker_options
+
+    worker_options(ap)
     args = ap.parse_args(argv)
     if args.worker:
         from ppu_lab.mpi import mpi_main
