@@ -15,7 +15,7 @@ from ppu_lab.experiments.grid import (COURSE_BATCH_SIZES, DESIGNS, FULL_EPOCHS, 
                                       default_ranks, expand_grid)
 from ppu_lab.experiments.plans import PLANS, plan
 from ppu_lab.experiments.results import default_out, load_results
-from ppu_lab.experiments.runner import agree, run_grid
+from ppu_lab.experiments.runner import GRID_TIMEOUT, agree, run_grid
 from ppu_lab.mpi import world
 from ppu_lab.trainconfig import LR_SCALINGS
 
@@ -23,7 +23,7 @@ __all__ = ["build_parser", "grid_from_args", "main", "run_command", "launch", "L
 
 # Default deadline of ``launch`` (seconds). The whole course grid on the full MNIST set and 8 ranks
 # takes about an hour; a grid stopped at its deadline resumes where it stopped.
-LAUNCH_TIMEOUT = 3 * 3600.0
+LAUNCH_TIMEOUT = GRID_TIMEOUT  # one deadline for a grid, launched under mpiexec or run on engines
 
 
 def _csv(kind):

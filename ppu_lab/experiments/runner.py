@@ -167,7 +167,7 @@ def _one_run(cfg: RunConfig, sub, full, train_fn, machine, progress):
         return f"{type(exc).__name__}: {exc}", None
 
 
-GRID_TIMEOUT = 3 * 3600.0  # seconds a grid on the engines may take by default (as experiments.launch)
+GRID_TIMEOUT = 3 * 3600.0  # seconds a grid may take by default, on the engines or by experiments.launch
 
 
 def run_on_engines(cluster, grid, out, *, timeout: float = GRID_TIMEOUT, **kwargs):

@@ -74,8 +74,9 @@ def launch_prefix(n: int, mpi: str = "pmi2", mpiexec: str | None = None) -> str:
             launch = mpiexec_command(n, mpiexec=mpiexec, cores=n)
         except MPIStartError:
             return f"{shlex.quote(no_control('mpiexec', mpiexec or 'mpiexec'))} -n {n}"
-        env = [f"{k}={shlex.quote(v)}" for k, v in sorted(launch.env.items())]
-        return " ".join(["env", *env] * bool(env) + [shlex.quote(no_control("mpiexec", a)) for a in launch.cmd])
+        cmd = " ".join(shlex.quote(no_control("mpiexec", a)) for a in launch.cmd)
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(launch.env.items()))
+        return f"env {env} {cmd}" if env else cmd
     return "srun" if mpi == "none" else f"srun --mpi={mpi} --kill-on-bad-exit=1"
 
 
